@@ -1,0 +1,361 @@
+"""Maildir delivery, exactly once.
+
+Theory of operation (cr.yp.to/proto/maildir.html): a message is written
+to ``tmp/NAME`` (created with ``O_EXCL``), fsync'd, hard-linked to
+``new/NAME`` and unlinked from ``tmp/``; a reader never sees a partial
+message.  Commit works on a window of messages and fsyncs the ``new/``
+directory once for the whole window, which is what makes the links
+durable.
+
+``NAME`` is ``SEC.M<usec>P<pid>Q<n>X<key>.<host>``: the ``X<key>`` part
+carries the message key (account + UID), so after a crash between the
+link and the store's commit, ``find_delivered()`` recognises the earlier
+delivery and the message is not stored a second time.  MUAs move files
+to ``cur/`` and append ``:2,<flags>`` but keep the base name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import itertools
+import os
+import re
+import socket
+import time
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gpopd.delivery.base import (
+    CommitResult,
+    Destination,
+    MessageInfo,
+    Staged,
+    Writer,
+    account_tag,
+)
+from gpopd.errors import DeliveryError, TemporaryDeliveryError
+
+__all__ = ["BUFFER_SIZE", "MaildirDestination", "MaildirStaged", "parse_key"]
+
+# Large enough that a message costs a few write(2) calls, small enough that
+# a window of messages being streamed does not grow the process.
+BUFFER_SIZE = 1 << 20
+
+_NAME_RE = re.compile(r"\d+\.M\d+P\d+Q\d+X([0-9a-f]{32})\.")
+_KEY_RE = re.compile(r"[0-9a-f]{32}")
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+# Filesystems without hard links (FAT, some FUSE and network mounts) say so
+# with one of these; rename() is then the only way into new/.
+_NO_LINK_ERRNOS = frozenset({errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP})
+_NAME_ATTEMPTS = 3
+
+_counter = itertools.count(1)
+
+
+def parse_key(name: str) -> str | None:
+    """Return the message key carried by a Maildir file name, if it is one of ours."""
+    match = _NAME_RE.match(name)
+    return match.group(1) if match else None
+
+
+def _maildir_host(host: str) -> str:
+    # The spec reserves "/" and ":" (":" starts the info part in cur/).
+    return host.replace("/", "\\057").replace(":", "\\072")
+
+
+def _describe(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def _unlink_quietly(path: str) -> None:
+    # What cannot be removed now is left for the next prepare(), which
+    # removes our orphans in tmp/.
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def _make_private_dir(path: Path) -> None:
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not path.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path)) from None
+        return
+    # mkdir's mode is filtered by the umask; the owner needs all three bits.
+    os.chmod(path, 0o700)
+
+
+@dataclass(eq=False)
+class MaildirStaged(Staged):
+    """A message complete in ``tmp/``, its file still open for the commit's fsync."""
+
+    filename: str = ""
+    fd: int = field(default=-1, repr=False)
+
+
+class _MaildirWriter(Writer):
+    def __init__(self, info: MessageInfo, fd: int, tmp_path: str, filename: str) -> None:
+        self._info = info
+        self._fd = fd
+        self._tmp_path = tmp_path
+        self._filename = filename
+        self._buffer = bytearray()
+        self._size = 0
+        self._staged: MaildirStaged | None = None
+        self._done = False
+
+    def write(self, data: bytes) -> None:
+        if self._done:
+            raise RuntimeError(f"message {self._filename} is already finished or aborted")
+        try:
+            if not self._buffer and len(data) >= BUFFER_SIZE:
+                self._write_all(data)
+            else:
+                self._buffer += data
+                if len(self._buffer) >= BUFFER_SIZE:
+                    self._flush()
+        except OSError as exc:
+            # Free the space at once: a full disk is the usual cause.
+            self.abort()
+            raise TemporaryDeliveryError(
+                f"writing {self._tmp_path} failed: {_describe(exc)}"
+            ) from exc
+        self._size += len(data)
+
+    def finish(self) -> MaildirStaged:
+        if self._done:
+            raise RuntimeError(f"message {self._filename} is already finished or aborted")
+        try:
+            self._flush()
+        except OSError as exc:
+            self.abort()
+            raise TemporaryDeliveryError(
+                f"writing {self._tmp_path} failed: {_describe(exc)}"
+            ) from exc
+        self._done = True
+        self._buffer = bytearray()  # do not hold a buffer per staged message
+        self._staged = MaildirStaged(self._info, self._size, self._filename, self._fd)
+        self._fd = -1
+        return self._staged
+
+    def abort(self) -> None:
+        # After finish() the staged message owns the file until commit()
+        # claims it; aborting then still discards an uncommitted message.
+        self._done = True
+        self._buffer = bytearray()
+        fd, self._fd = self._fd, -1
+        if self._staged is not None:
+            fd, self._staged.fd = self._staged.fd, -1
+            if fd < 0:
+                return  # committed (or already aborted): nothing is ours to remove
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            _unlink_quietly(self._tmp_path)
+
+    def _flush(self) -> None:
+        if self._buffer:
+            self._write_all(self._buffer)
+            self._buffer.clear()
+
+    def _write_all(self, data: bytes | bytearray) -> None:
+        with memoryview(data) as view:
+            offset = 0
+            while offset < len(view):
+                with view[offset:] as rest:
+                    offset += os.write(self._fd, rest)
+
+
+class MaildirDestination(Destination):
+    """Deliver into the Maildir at ``path`` (created if missing)."""
+
+    exactly_once = True
+
+    def __init__(self, path: Path, *, hostname: str | None = None) -> None:
+        self.path = Path(path)
+        self.name = f"maildir:{self.path}"
+        self._tmp = self.path / "tmp"
+        self._new = self.path / "new"
+        self._cur = self.path / "cur"
+        self._host = _maildir_host(hostname if hostname is not None else socket.gethostname())
+
+    async def prepare(self, account: str) -> None:
+        await asyncio.to_thread(self._prepare, account_tag(account))
+
+    def open(self, info: MessageInfo) -> Writer:
+        if not _KEY_RE.fullmatch(info.key):
+            raise ValueError(f"message key must be 32 lowercase hex digits, not {info.key!r}")
+        for _ in range(_NAME_ATTEMPTS):
+            filename = self._filename(info.key)
+            tmp_path = os.path.join(self._tmp, filename)
+            try:
+                fd = os.open(tmp_path, _CREATE_FLAGS, 0o600)
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise TemporaryDeliveryError(
+                    f"{self.name}: cannot create {tmp_path}: {_describe(exc)}"
+                ) from exc
+            break
+        else:
+            raise TemporaryDeliveryError(f"{self.name}: no free file name in tmp/")
+        try:
+            # O_CREAT's mode is filtered by the umask; mail is for the owner only.
+            if os.fstat(fd).st_mode & 0o777 != 0o600:
+                os.fchmod(fd, 0o600)
+        except OSError as exc:
+            os.close(fd)
+            _unlink_quietly(tmp_path)
+            raise TemporaryDeliveryError(
+                f"{self.name}: cannot set the mode of {tmp_path}: {_describe(exc)}"
+            ) from exc
+        return _MaildirWriter(info, fd, tmp_path, filename)
+
+    async def commit(self, staged: Sequence[Staged]) -> list[CommitResult]:
+        items: list[MaildirStaged] = []
+        for item in staged:
+            if not isinstance(item, MaildirStaged):
+                raise TypeError(f"{self.name} cannot commit {type(item).__name__}")
+            if item.fd < 0:
+                raise ValueError(f"{item.filename} was already committed or aborted")
+            items.append(item)
+        # Taking the fds makes a later Writer.abort() leave these files alone.
+        claimed = [(item, item.fd) for item in items]
+        for item in items:
+            item.fd = -1
+        if not claimed:
+            return []
+        # Should the poll be cancelled meanwhile, the thread still finishes:
+        # whatever it linked is found again through the pending rows.
+        return await asyncio.to_thread(self._commit, claimed)
+
+    async def find_delivered(self, account: str, keys: Collection[str]) -> set[str]:
+        wanted = set(keys)
+        if not wanted:
+            return set()
+        found = await asyncio.to_thread(self._scan_keys, account_tag(account))
+        return wanted & found
+
+    async def close(self) -> None:
+        return None
+
+    def _filename(self, key: str) -> str:
+        sec, nsec = divmod(time.time_ns(), 1_000_000_000)
+        return f"{sec}.M{nsec // 1000}P{os.getpid()}Q{next(_counter)}X{key}.{self._host}"
+
+    def _prepare(self, tag: str) -> None:
+        try:
+            missing: list[Path] = []
+            directory = self.path
+            while not directory.exists():
+                missing.append(directory)
+                directory = directory.parent
+            for directory in reversed(missing):
+                _make_private_dir(directory)
+            for directory in (self.path, self._tmp, self._new, self._cur):
+                _make_private_dir(directory)
+            # The caller holds the account lock, so no writer of ours is
+            # using these files: they are what a crash left behind.
+            with os.scandir(self._tmp) as entries:
+                for entry in entries:
+                    key = parse_key(entry.name)
+                    if (
+                        key is not None
+                        and key.startswith(tag)
+                        and entry.is_file(follow_symlinks=False)
+                    ):
+                        _unlink_quietly(entry.path)
+        except OSError as exc:
+            raise TemporaryDeliveryError(
+                f"{self.name}: cannot prepare the Maildir: {_describe(exc)}"
+            ) from exc
+
+    def _commit(self, claimed: list[tuple[MaildirStaged, int]]) -> list[CommitResult]:
+        errors: list[DeliveryError | None] = []
+        linked = False
+        for item, fd in claimed:
+            tmp_path = os.path.join(self._tmp, item.filename)
+            try:
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                # After a failed fsync the kernel may have dropped the dirty
+                # pages: the file's content is unknown, so it must go.
+                _unlink_quietly(tmp_path)
+                errors.append(
+                    TemporaryDeliveryError(
+                        f"{self.name}: fsync of {tmp_path} failed: {_describe(exc)}"
+                    )
+                )
+                continue
+            try:
+                self._link_into_new(tmp_path, os.path.join(self._new, item.filename))
+            except OSError as exc:
+                _unlink_quietly(tmp_path)
+                errors.append(
+                    TemporaryDeliveryError(
+                        f"{self.name}: cannot move {item.filename} into new/: {_describe(exc)}"
+                    )
+                )
+                continue
+            errors.append(None)
+            linked = True
+        if linked:
+            try:
+                self._fsync_dir(self._new)
+            except OSError as exc:
+                # The links may or may not be on disk.  They stay: the store
+                # keeps these messages pending, so the next poll's recovery
+                # counts those that survived as delivered and fetches the
+                # others again.  Removing them could not be made durable
+                # either, since fsync of new/ is what just failed.
+                failure = TemporaryDeliveryError(
+                    f"{self.name}: fsync of {self._new} failed: {_describe(exc)}"
+                )
+                errors = [failure if error is None else error for error in errors]
+        return [CommitResult(item, error) for (item, _), error in zip(claimed, errors, strict=True)]
+
+    @staticmethod
+    def _link_into_new(tmp_path: str, new_path: str) -> None:
+        try:
+            os.link(tmp_path, new_path)
+        except OSError as exc:
+            if exc.errno not in _NO_LINK_ERRNOS:
+                raise
+            os.rename(tmp_path, new_path)
+            return
+        # The message is in new/ already; a leftover in tmp/ is removed by
+        # the next prepare() and must not fail the delivery.
+        _unlink_quietly(tmp_path)
+
+    @staticmethod
+    def _fsync_dir(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _scan_keys(self, tag: str) -> set[str]:
+        found: set[str] = set()
+        # new/ before cur/: a message an MUA moves from new/ to cur/ during
+        # the scan is then seen in one of the two, never missed.
+        for directory in (self._new, self._cur):
+            try:
+                with os.scandir(directory) as entries:
+                    for entry in entries:
+                        key = parse_key(entry.name)
+                        if key is not None and key.startswith(tag):
+                            found.add(key)
+            except OSError as exc:
+                # A missing directory must not read as "nothing delivered":
+                # that would fetch again what an unmounted disk still holds.
+                raise TemporaryDeliveryError(
+                    f"{self.name}: cannot list {directory}: {_describe(exc)}"
+                ) from exc
+        return found

@@ -1,0 +1,434 @@
+"""The state database: which UIDs are delivered, which are in flight, poll history.
+
+SQLite in WAL mode with ``synchronous=FULL``: a commit that returned is
+on disk, also across a power loss.  The rule the rest of gpopd builds on
+is that a UID is recorded as delivered only after its delivery is
+durable, and DELE'd only after that record is committed.
+
+Rows in ``pending`` are written before a message is delivered and
+removed in the same transaction that records it delivered; rows still
+there at the next poll belong to a poll that died, and the destination
+decides (``find_delivered``) which of them arrived.
+
+The class is synchronous; the caller runs it in one worker thread and
+serialises access (a lock here only guards against misuse).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sqlite3
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from gpopd.errors import StoreError
+
+__all__ = ["DB_NAME", "POLL_HISTORY_KEEP", "SCHEMA_VERSION", "AccountLock", "Store"]
+
+DB_NAME = "gpopd.db"
+BUSY_TIMEOUT_MS = 5000
+# Enough for weeks of status history at a one-minute interval; older rows
+# only cost space.
+POLL_HISTORY_KEEP = 1000
+
+_POLL_COLUMNS = (
+    "id",
+    "account",
+    "started_at",
+    "finished_at",
+    "outcome",
+    "new",
+    "delivered",
+    "skipped",
+    "bytes",
+    "error",
+)
+
+
+def _schema_1(db: sqlite3.Connection) -> None:
+    db.execute("CREATE TABLE account (name TEXT PRIMARY KEY) WITHOUT ROWID")
+    db.execute(
+        """CREATE TABLE delivered (
+            account TEXT NOT NULL REFERENCES account(name),
+            uid TEXT NOT NULL,
+            key TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            delivered_at REAL NOT NULL,
+            PRIMARY KEY (account, uid)
+        ) WITHOUT ROWID"""
+    )
+    db.execute(
+        """CREATE TABLE pending (
+            account TEXT NOT NULL REFERENCES account(name),
+            key TEXT NOT NULL,
+            uid TEXT NOT NULL,
+            added_at REAL NOT NULL,
+            PRIMARY KEY (account, key)
+        ) WITHOUT ROWID"""
+    )
+    db.execute(
+        """CREATE TABLE poll (
+            id INTEGER PRIMARY KEY,
+            account TEXT NOT NULL REFERENCES account(name),
+            started_at REAL NOT NULL,
+            finished_at REAL,
+            outcome TEXT,
+            new INTEGER NOT NULL DEFAULT 0,
+            delivered INTEGER NOT NULL DEFAULT 0,
+            skipped INTEGER NOT NULL DEFAULT 0,
+            bytes INTEGER NOT NULL DEFAULT 0,
+            error TEXT
+        )"""
+    )
+    db.execute("CREATE INDEX poll_by_account ON poll (account, id)")
+
+
+# MIGRATIONS[n] takes a database from user_version n to n + 1.
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_1,)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _make_private_dir(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    # mkdir's mode is filtered by the umask; the owner needs all three bits.
+    os.chmod(path, 0o700)
+
+
+def _create_private_file(path: Path) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o777 != 0o600:
+            os.fchmod(fd, 0o600)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+class Store:
+    """The state database in ``state_dir/gpopd.db``."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = Path(state_dir)
+        self.path = self.state_dir / DB_NAME
+        self._lock = threading.RLock()
+        try:
+            _make_private_dir(self.state_dir)
+            # SQLite gives its -wal and -shm files the database file's mode,
+            # so creating that one 0600 first keeps all three private.
+            os.close(_create_private_file(self.path))
+        except OSError as exc:
+            raise StoreError(f"cannot create the state database {self.path}: {exc}") from exc
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the state database {self.path}: {exc}") from exc
+        try:
+            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = FULL")
+            self._db.execute("PRAGMA foreign_keys = ON")
+            self._migrate()
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise StoreError(f"cannot open the state database {self.path}: {exc}") from exc
+        except StoreError:
+            self._db.close()
+            raise
+
+    # -- life cycle -------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._db.close()
+            except sqlite3.Error as exc:
+                raise StoreError(f"closing {self.path} failed: {exc}") from exc
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._query("PRAGMA user_version")[0][0])
+
+    # -- delivered UIDs ---------------------------------------------------
+
+    def delivered_uids(self, account: str) -> set[str]:
+        rows = self._query("SELECT uid FROM delivered WHERE account = ?", (account,))
+        return {uid for (uid,) in rows}
+
+    def is_delivered(self, account: str, uid: str) -> bool:
+        row = self._query_one(
+            "SELECT 1 FROM delivered WHERE account = ? AND uid = ?", (account, uid)
+        )
+        return row is not None
+
+    def delivered_since(self, account: str, uid: str) -> float | None:
+        """Return when ``uid`` was recorded as delivered (epoch seconds), if it was."""
+        row = self._query_one(
+            "SELECT delivered_at FROM delivered WHERE account = ? AND uid = ?", (account, uid)
+        )
+        return None if row is None else float(row[0])
+
+    def mark_delivered(
+        self,
+        account: str,
+        items: Iterable[tuple[str, str, int]],
+        *,
+        at: float | None = None,
+    ) -> None:
+        """Record ``(uid, key, size)`` items as delivered and drop their pending rows.
+
+        One transaction for the whole window; marking a UID twice keeps the
+        first record.
+        """
+        rows = list(items)
+        if not rows:
+            return
+        now = time.time() if at is None else at
+        with self._transaction() as db:
+            self._ensure_account(db, account)
+            db.executemany(
+                "INSERT OR IGNORE INTO delivered (account, uid, key, size, delivered_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(account, uid, key, size, now) for uid, key, size in rows],
+            )
+            db.executemany(
+                "DELETE FROM pending WHERE account = ? AND key = ?",
+                [(account, key) for _, key, _ in rows],
+            )
+
+    def forget(self, account: str, uids: Iterable[str]) -> None:
+        with self._transaction() as db:
+            db.executemany(
+                "DELETE FROM delivered WHERE account = ? AND uid = ?",
+                [(account, uid) for uid in uids],
+            )
+
+    # -- pending deliveries -----------------------------------------------
+
+    def add_pending(self, account: str, items: Iterable[tuple[str, str]]) -> None:
+        """Record ``(uid, key)`` items about to be delivered, in one transaction."""
+        rows = list(items)
+        if not rows:
+            return
+        now = time.time()
+        with self._transaction() as db:
+            self._ensure_account(db, account)
+            db.executemany(
+                "INSERT OR REPLACE INTO pending (account, key, uid, added_at) VALUES (?, ?, ?, ?)",
+                [(account, key, uid, now) for uid, key in rows],
+            )
+
+    def pending(self, account: str) -> dict[str, str]:
+        """Return the pending deliveries of ``account`` as key -> UID."""
+        rows = self._query("SELECT key, uid FROM pending WHERE account = ?", (account,))
+        return {str(key): str(uid) for key, uid in rows}
+
+    def clear_pending(self, account: str, keys: Iterable[str]) -> None:
+        with self._transaction() as db:
+            db.executemany(
+                "DELETE FROM pending WHERE account = ? AND key = ?",
+                [(account, key) for key in keys],
+            )
+
+    # -- poll history -----------------------------------------------------
+
+    def poll_started(self, account: str, started_at: float) -> int:
+        """Record the start of a poll and return its id."""
+        with self._transaction() as db:
+            self._ensure_account(db, account)
+            cursor = db.execute(
+                "INSERT INTO poll (account, started_at) VALUES (?, ?)", (account, started_at)
+            )
+            poll_id = cursor.lastrowid
+            # Ids are shared by all accounts: prune below this account's own
+            # POLL_HISTORY_KEEP-th newest poll (NULL, so nothing, if fewer).
+            db.execute(
+                "DELETE FROM poll WHERE account = ? AND id < ("
+                " SELECT id FROM poll WHERE account = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                (account, account, POLL_HISTORY_KEEP - 1),
+            )
+        if poll_id is None:
+            raise StoreError(f"recording a poll of {account} returned no id")
+        return poll_id
+
+    def poll_finished(
+        self,
+        poll_id: int,
+        *,
+        finished_at: float,
+        outcome: str,
+        new: int,
+        delivered: int,
+        skipped: int,
+        bytes: int,
+        error: str | None,
+    ) -> None:
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE poll SET finished_at = ?, outcome = ?, new = ?, delivered = ?,"
+                " skipped = ?, bytes = ?, error = ? WHERE id = ?",
+                (finished_at, outcome, new, delivered, skipped, bytes, error, poll_id),
+            )
+            if cursor.rowcount != 1:
+                raise StoreError(f"no poll with id {poll_id} to finish")
+
+    def last_poll(self, account: str) -> dict[str, Any] | None:
+        history = self.poll_history(account, limit=1)
+        return history[0] if history else None
+
+    def poll_history(self, account: str, limit: int = 20) -> list[dict[str, Any]]:
+        """Return the latest ``limit`` polls of ``account``, newest first."""
+        rows = self._query(
+            "SELECT id, account, started_at, finished_at, outcome, new, delivered, skipped,"
+            " bytes, error FROM poll WHERE account = ? ORDER BY id DESC LIMIT ?",
+            (account, limit),
+        )
+        return [dict(zip(_POLL_COLUMNS, row, strict=True)) for row in rows]
+
+    def accounts(self) -> list[str]:
+        return [name for (name,) in self._query("SELECT name FROM account ORDER BY name")]
+
+    # -- internals --------------------------------------------------------
+
+    def _migrate(self) -> None:
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} has schema version {version}, newer than this gpopd"
+                f" understands ({SCHEMA_VERSION}); upgrade gpopd or restore a backup"
+            )
+        for step in range(version, SCHEMA_VERSION):
+            with self._transaction() as db:
+                MIGRATIONS[step](db)
+                # user_version lives in the database header, so it changes
+                # in the same transaction as the schema.
+                db.execute(f"PRAGMA user_version = {step + 1}")
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            db = self._db
+            try:
+                # IMMEDIATE takes the write lock up front, so a busy database
+                # waits in BEGIN (busy_timeout) rather than failing mid-way.
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: cannot begin a transaction: {exc}") from exc
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise StoreError(f"{self.path}: {exc}") from exc
+                raise
+
+    def _query(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: {exc}") from exc
+
+    def _query_one(self, sql: str, params: tuple[object, ...] = ()) -> tuple[Any, ...] | None:
+        rows = self._query(sql, params)
+        return rows[0] if rows else None
+
+    @staticmethod
+    def _ensure_account(db: sqlite3.Connection, account: str) -> None:
+        db.execute("INSERT OR IGNORE INTO account (name) VALUES (?)", (account,))
+
+
+class AccountLock:
+    """An exclusive, non-blocking lock on one account across gpopd processes.
+
+    ``flock`` belongs to the open file description, so the kernel releases
+    it when the holder dies; the lock file itself is never removed, since
+    removing it would let two processes lock two different files.
+    """
+
+    def __init__(self, state_dir: Path, account: str) -> None:
+        self.account = account
+        # Account names come from the configuration; quoting keeps "/" and
+        # other surprises out of the path.
+        filename = urllib.parse.quote(account, safe="@+-_.") + ".lock"
+        self.path = Path(state_dir) / "locks" / filename
+        self._fd = -1
+
+    @property
+    def held(self) -> bool:
+        return self._fd >= 0
+
+    def acquire(self) -> None:
+        if self._fd >= 0:
+            raise RuntimeError(f"the lock of account {self.account} is already held here")
+        try:
+            _make_private_dir(self.path.parent.parent)  # the state directory
+            _make_private_dir(self.path.parent)
+            fd = _create_private_file(self.path)
+        except OSError as exc:
+            raise StoreError(f"cannot create the lock file {self.path}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._read_pid(fd)
+            os.close(fd)
+            raise StoreError(
+                f"account {self.account} is being polled by another gpopd process (pid {holder})"
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            raise StoreError(f"cannot lock {self.path}: {exc}") from exc
+        # The pid only makes the "busy" message nicer; the lock holds without it.
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> Self:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    @staticmethod
+    def _read_pid(fd: int) -> str:
+        try:
+            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        except OSError:
+            return "unknown"
+        return text if text.isdigit() else "unknown"
