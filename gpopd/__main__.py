@@ -1,0 +1,3 @@
+from gpopd.cli import main
+
+raise SystemExit(main())

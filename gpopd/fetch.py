@@ -1,0 +1,482 @@
+"""One poll of one account, in the order that makes delivery safe.
+
+For every new message:
+
+1. its (uid, key) is recorded as *pending* before any byte of it can reach
+   the destination, so a crash leaves a trace to recover from;
+2. RETR streams it through the engine into the destination's spool;
+3. the destination makes it durable (group commit: a window of messages,
+   one directory fsync);
+4. the store records it as delivered (one SQLite commit per window);
+5. only then, and only with ``keep: false``, DELE, and QUIT at the end.
+
+A crash before 4 leaves a pending row; the next poll asks the destination
+whether the key is already there (Maildir file names carry it) and records
+it instead of storing it twice.  Anything that goes wrong keeps the message
+on the server.  When a message was read but not durably delivered, the
+session is dropped without QUIT: servers such as Gmail mark every message
+retrieved in a QUIT-ended session as downloaded, even without DELE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections import Counter
+from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import structlog
+from structlog.contextvars import bound_contextvars
+
+from gpopd import pop3
+from gpopd.config import Account, Settings
+from gpopd.delivery import build_destination
+from gpopd.delivery.base import Destination, MessageInfo, Staged, Writer, message_key
+from gpopd.errors import (
+    DeliveryError,
+    GpopdError,
+    StoreError,
+    TemporaryDeliveryError,
+    TransportError,
+)
+from gpopd.session import Mailbox, Session, TraceHook
+from gpopd.store import AccountLock, Store
+from gpopd.transport import Transport, make_tls_context
+
+T = TypeVar("T")
+
+# A commit window never holds more than this many staged messages: beyond it
+# the fetch waits for the previous commit rather than stage without bound.
+MAX_COMMIT_WINDOW = 128
+
+log = structlog.get_logger("gpopd.fetch")
+
+
+class StoreWorker:
+    """Runs every call of one ``Store`` on one thread, in order."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="gpopd-store")
+
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    async def close(self) -> None:
+        await self.call(self.store.close)
+        self._executor.shutdown(wait=True)
+
+
+@dataclass(slots=True)
+class PollResult:
+    account: str
+    outcome: str = "running"
+    listed: int = 0
+    new: int = 0
+    delivered: int = 0
+    skipped: int = 0
+    deleted: int = 0
+    failed: int = 0
+    oversized: int = 0
+    recovered: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    error: BaseException | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "ok"
+
+
+@dataclass(slots=True)
+class _Planned:
+    number: int
+    uid: str
+    key: str
+    size: int
+
+
+@dataclass(slots=True)
+class _Plan:
+    fetch: list[_Planned] = field(default_factory=list)
+    delete_known: list[int] = field(default_factory=list)
+    skipped: int = 0
+    oversized: list[_Planned] = field(default_factory=list)
+    duplicates: int = 0
+
+
+def plan_poll(account: Account, mailbox: Mailbox, delivered: Collection[str]) -> _Plan:
+    """Decide which messages to fetch and which known ones to delete.
+
+    UIDs should be unique but may be hashes of the content, so two identical
+    messages can share one; the n-th occurrence within a listing is tracked as
+    ``"<uid> <n>"`` (a space cannot occur in a UID), so each is fetched once.
+    """
+    plan = _Plan()
+    seen: Counter[str] = Counter()
+    limit = account.max_messages_per_poll
+    for number, raw_uid in mailbox.uids:
+        seen[raw_uid] += 1
+        uid = raw_uid if seen[raw_uid] == 1 else f"{raw_uid} {seen[raw_uid]}"
+        if seen[raw_uid] > 1:
+            plan.duplicates += 1
+        if uid in delivered:
+            plan.skipped += 1
+            if not account.keep:
+                plan.delete_known.append(number)
+            continue
+        item = _Planned(number, uid, message_key(account.name, uid), mailbox.sizes[number])
+        if item.size > account.max_message_size:
+            plan.oversized.append(item)
+            continue
+        if limit is not None and len(plan.fetch) >= limit:
+            continue
+        plan.fetch.append(item)
+    return plan
+
+
+async def open_session(account: Account, trace: TraceHook | None = None) -> Session:
+    """Connect, verify TLS, read the greeting and authenticate."""
+    tls_ctx = make_tls_context(account.ca_file) if account.tls != "none" else None
+    transport = await Transport.connect(
+        account.host,
+        account.effective_port,
+        tls=tls_ctx if account.tls == "implicit" else None,
+        connect_timeout=account.connect_timeout,
+        read_timeout=account.timeout,
+    )
+    session = Session(transport, trace=trace)
+    try:
+        await session.read_greeting()
+        if tls_ctx is not None and account.tls == "starttls":
+            await session.starttls(tls_ctx, account.host, account.connect_timeout)
+        caps = await session.capa()
+        password = account.password.secret.get_secret_value() if account.password else ""
+        await session.login(account.username, password, account.auth, caps)
+        # Capabilities may change after login (Gmail adds PIPELINING).
+        await session.capa()
+    except BaseException:
+        transport.abort()
+        raise
+    return session
+
+
+class _Transfer:
+    """RETR the planned messages into the destination with group commit."""
+
+    def __init__(
+        self,
+        account: Account,
+        session: Session,
+        destination: Destination,
+        db: StoreWorker,
+        result: PollResult,
+    ) -> None:
+        self.account = account
+        self.session = session
+        self.destination = destination
+        self.db = db
+        self.result = result
+        self.delivered_numbers: list[int] = []
+        # Messages read from the server and not (yet) durably delivered.
+        self.unsettled = 0
+        self._batch: list[tuple[_Planned, Staged, float]] = []
+        self._commit: asyncio.Task[None] | None = None
+
+    async def run(self, items: list[_Planned], sizes: dict[int, int]) -> None:
+        by_number = {item.number: item for item in items}
+        writer: Writer | None = None
+        item: _Planned | None = None
+        received = 0
+        started = 0.0
+        limit = self.account.max_message_size
+        try:
+            async for event in self.session.retrieve([i.number for i in items], sizes):
+                if isinstance(event, pop3.MessageData):
+                    received += len(event.data)
+                    if received > limit:
+                        raise pop3.RemoteProtocolError(
+                            f"message {item.number if item else '?'} exceeds "
+                            f"max_message_size ({limit} bytes) although LIST announced "
+                            f"{item.size if item else '?'} bytes"
+                        )
+                    if writer is not None:
+                        try:
+                            writer.write(event.data)
+                        except DeliveryError as exc:
+                            self._fail(writer, item, exc)
+                            writer = None
+                elif isinstance(event, pop3.MessageStart):
+                    item = by_number[event.command.msg]
+                    received = 0
+                    started = time.monotonic()
+                    self.unsettled += 1
+                    try:
+                        writer = self.destination.open(
+                            MessageInfo(self.account.name, item.uid, item.key, item.size)
+                        )
+                    except DeliveryError as exc:
+                        self._fail(None, item, exc)
+                        writer = None
+                elif isinstance(event, pop3.MessageEnd):
+                    if writer is not None and item is not None:
+                        try:
+                            staged = writer.finish()
+                        except DeliveryError as exc:
+                            self._fail(writer, item, exc)
+                        else:
+                            self._batch.append((item, staged, started))
+                            await self._maybe_commit()
+                    writer = None
+                    item = None
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        finally:
+            # Whatever happened on the wire, messages received in full are
+            # still worth making durable.
+            await self._drain_commits()
+
+    def _fail(self, writer: Writer | None, item: _Planned | None, exc: DeliveryError) -> None:
+        if writer is not None:
+            writer.abort()
+        self.result.failed += 1
+        log.warning(
+            "delivery failed",
+            uid=item.uid if item else None,
+            destination=self.destination.name,
+            error=str(exc),
+            temporary=isinstance(exc, TemporaryDeliveryError),
+        )
+
+    async def _maybe_commit(self) -> None:
+        if self._commit is not None and not self._commit.done():
+            if len(self._batch) < MAX_COMMIT_WINDOW:
+                return  # the running commit will be followed by a bigger one
+            await self._commit
+        await self._finish_commit()
+        batch, self._batch = self._batch, []
+        self._commit = asyncio.create_task(self._commit_batch(batch))
+
+    async def _finish_commit(self) -> None:
+        task, self._commit = self._commit, None
+        if task is not None:
+            await task  # re-raises a store failure: stop the poll
+
+    async def _drain_commits(self) -> None:
+        await self._finish_commit()
+        if self._batch:
+            batch, self._batch = self._batch, []
+            await self._commit_batch(batch)
+
+    async def _commit_batch(self, batch: list[tuple[_Planned, Staged, float]]) -> None:
+        results = await self.destination.commit([staged for _, staged, _ in batch])
+        done: list[tuple[_Planned, Staged, float]] = []
+        for (item, staged, started), outcome in zip(batch, results, strict=True):
+            if outcome.error is None:
+                done.append((item, staged, started))
+            else:
+                self._fail(None, item, outcome.error)
+        if done:
+            await self.db.call(
+                self.db.store.mark_delivered,
+                self.account.name,
+                [(item.uid, item.key, staged.size) for item, staged, _ in done],
+            )
+        now = time.monotonic()
+        for item, staged, started in done:
+            self.unsettled -= 1
+            self.delivered_numbers.append(item.number)
+            self.result.delivered += 1
+            self.result.bytes += staged.size
+            log.info(
+                "message delivered",
+                uid=item.uid,
+                size=staged.size,
+                destination=self.destination.name,
+                seconds=round(now - started, 4),
+            )
+
+
+async def _recover(account: Account, destination: Destination, db: StoreWorker) -> int:
+    """Settle rows left pending by an interrupted poll."""
+    pending = await db.call(db.store.pending, account.name)
+    if not pending:
+        return 0
+    found = await destination.find_delivered(account.name, pending.keys())
+    if found:
+        await db.call(
+            db.store.mark_delivered, account.name, [(pending[key], key, 0) for key in found]
+        )
+    rest = set(pending) - found
+    if rest:
+        await db.call(db.store.clear_pending, account.name, rest)
+    log.info("recovered interrupted poll", already_delivered=len(found), refetch=len(rest))
+    return len(found)
+
+
+async def _poll(
+    account: Account,
+    db: StoreWorker,
+    destination: Destination,
+    result: PollResult,
+    trace: TraceHook | None,
+) -> None:
+    await destination.prepare(account.name)
+    result.recovered = await _recover(account, destination, db)
+    delivered = await db.call(db.store.delivered_uids, account.name)
+    session = await open_session(account, trace)
+    transport = session.transport
+    try:
+        mailbox = await session.mailbox()
+        plan = plan_poll(account, mailbox, delivered)
+        result.listed = mailbox.count
+        result.new = len(plan.fetch)
+        result.skipped = plan.skipped
+        result.oversized = len(plan.oversized)
+        if plan.duplicates:
+            log.warning("server lists duplicate UIDs", duplicates=plan.duplicates)
+        for item in plan.oversized:
+            log.warning(
+                "message larger than max_message_size left on the server",
+                uid=item.uid,
+                size=item.size,
+                max_message_size=account.max_message_size,
+            )
+        if plan.fetch:
+            await db.call(db.store.add_pending, account.name, [(i.uid, i.key) for i in plan.fetch])
+        transfer = _Transfer(account, session, destination, db, result)
+        await transfer.run(plan.fetch, mailbox.sizes)
+        if transfer.unsettled:
+            # Read but not delivered: never QUIT (see the module docstring).
+            transport.abort()
+            return
+        if not account.keep:
+            numbers = sorted(plan.delete_known + transfer.delivered_numbers)
+            await session.delete(numbers)
+            result.deleted = len(numbers)
+        await session.quit()
+    except BaseException:
+        transport.abort()
+        raise
+
+
+def outcome_of(exc: BaseException) -> str:
+    if isinstance(exc, TransportError):
+        return "network-error"
+    if isinstance(exc, pop3.ProtocolError):
+        return "protocol-error"
+    if isinstance(exc, StoreError):
+        return "store-error"
+    if isinstance(exc, DeliveryError):
+        return "delivery-error"
+    if isinstance(exc, GpopdError):
+        return type(exc).__name__
+    return "internal-error"
+
+
+async def poll_account(
+    account: Account,
+    db: StoreWorker,
+    state_dir: Any,
+    *,
+    destination: Destination | None = None,
+    trace: TraceHook | None = None,
+) -> PollResult:
+    """Poll one account once; never raises for the account's own failures."""
+    result = PollResult(account.name)
+    started = time.monotonic()
+    with bound_contextvars(account=account.name):
+        poll_id = await db.call(db.store.poll_started, account.name, time.time())
+        dest = destination or build_destination(account.delivery)
+        try:
+            with AccountLock(state_dir, account.name):
+                await _poll(account, db, dest, result, trace)
+            result.outcome = "ok" if result.failed == 0 else "delivery-error"
+        except asyncio.CancelledError:
+            result.outcome = "cancelled"
+            raise
+        except (GpopdError, pop3.ProtocolError, OSError) as exc:
+            result.outcome = outcome_of(exc)
+            result.error = exc
+        except Exception as exc:
+            result.outcome = "internal-error"
+            result.error = exc
+            log.exception("internal error while polling")
+        finally:
+            result.seconds = time.monotonic() - started
+            if destination is None:
+                await dest.close()
+            await _record(db, poll_id, result)
+            _summary(account, result)
+    return result
+
+
+async def _record(db: StoreWorker, poll_id: int, result: PollResult) -> None:
+    try:
+        await db.call(
+            db.store.poll_finished,
+            poll_id,
+            finished_at=time.time(),
+            outcome=result.outcome,
+            new=result.new,
+            delivered=result.delivered,
+            skipped=result.skipped,
+            bytes=result.bytes,
+            error=str(result.error) if result.error else None,
+        )
+    except StoreError as exc:
+        log.error("could not record the poll in the state database", error=str(exc))
+
+
+def _summary(account: Account, result: PollResult) -> None:
+    fields: dict[str, Any] = {
+        "host": account.host,
+        "listed": result.listed,
+        "new": result.new,
+        "delivered": result.delivered,
+        "skipped": result.skipped,
+        "deleted": result.deleted,
+        "failed": result.failed,
+        "oversized": result.oversized,
+        "bytes": result.bytes,
+        "seconds": round(result.seconds, 3),
+        "outcome": result.outcome,
+    }
+    if result.error is not None:
+        fields["error"] = str(result.error)
+        log.error("poll finished", **fields)
+    else:
+        log.info("poll finished", **fields)
+
+
+def protocol_tracer() -> TraceHook:
+    """A ``--trace`` hook: each POP3 command and reply as a log line."""
+    trace_log = structlog.get_logger("gpopd.trace")
+
+    def trace(direction: str, line: str) -> None:
+        trace_log.info("pop3", direction=direction, line=line)
+
+    return trace
+
+
+async def poll_once(
+    settings: Settings, names: Sequence[str] | None = None, *, trace: TraceHook | None = None
+) -> list[PollResult]:
+    """Poll the named accounts (default: all) once, concurrently."""
+    db = StoreWorker(Store(settings.state_dir))
+    try:
+        accounts = [settings.accounts[name] for name in (names or settings.accounts)]
+        return list(
+            await asyncio.gather(
+                *(poll_account(acc, db, settings.state_dir, trace=trace) for acc in accounts)
+            )
+        )
+    finally:
+        await db.close()

@@ -1,0 +1,302 @@
+"""One POP3 session: pumps bytes between a ``Transport`` and ``pop3.Connection``.
+
+The engine decides what the bytes mean; this module decides what to send next
+and turns ``-ERR`` replies into gpopd's errors.  It never logs a PASS or AUTH
+argument: the optional ``trace`` callback receives commands with those
+arguments already replaced by ``***``.
+"""
+
+from __future__ import annotations
+
+import base64
+import ssl
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+from gpopd import pop3
+from gpopd.errors import AuthError, MailboxBusyError, ServerError, TlsError
+from gpopd.transport import Transport
+
+# PIPELINING window: commands in flight and LIST-declared bytes in flight.
+# A larger window hides more round trips; the byte bound keeps the server's
+# replies that we have asked for (and so our receive buffers) modest.
+MAX_PIPELINE_COMMANDS = 100
+MAX_PIPELINE_BYTES = 4 * 1024 * 1024
+
+TraceHook = Callable[[str, str], None]
+
+_BUSY_CODES = ("IN-USE", "LOGIN-DELAY", "SYS/TEMP")
+
+
+def error_for(
+    command: pop3.Command | None, err: pop3.Err, *, during_login: bool = False
+) -> ServerError:
+    """Map an ``-ERR`` reply to the error class that says what to do about it."""
+    name = describe(command) if command is not None else "greeting"
+    code = (err.code or "").upper()
+    if code.startswith(_BUSY_CODES):
+        return MailboxBusyError(name, err.text, err.code)
+    if code.startswith("AUTH") or (during_login and not code):
+        return AuthError(name, err.text, err.code)
+    return ServerError(name, err.text, err.code)
+
+
+def describe(command: pop3.Command) -> str:
+    """The command as a person would name it, never with a secret argument."""
+    match command:
+        case pop3.Pass():
+            return "PASS"
+        case pop3.Auth(mechanism=mech):
+            return f"AUTH {mech}"
+        case pop3.AuthResponse():
+            return "AUTH (response)"
+        case pop3.User(name=name):
+            return f"USER {name}"
+        case pop3.Retr(msg=n) | pop3.Dele(msg=n):
+            return f"{type(command).__name__.upper()} {n}"
+        case pop3.Top(msg=n, lines=k):
+            return f"TOP {n} {k}"
+        case pop3.List(msg=n) | pop3.Uidl(msg=n):
+            suffix = f" {n}" if n is not None else ""
+            return f"{type(command).__name__.upper()}{suffix}"
+        case _:
+            return type(command).__name__.upper()
+
+
+def traced(command: pop3.Command) -> str:
+    """The command for ``--trace``: secret arguments replaced by ``***``."""
+    match command:
+        case pop3.Pass():
+            return "PASS ***"
+        case pop3.AuthResponse(data="*"):
+            return "*"
+        case pop3.AuthResponse():
+            return "***"
+        case pop3.Auth(initial_response=str()):
+            return f"{describe(command)} ***"
+        case _:
+            return describe(command)
+
+
+@dataclass(frozen=True, slots=True)
+class Mailbox:
+    """What the server says it holds, checked for consistency."""
+
+    count: int
+    size: int
+    uids: tuple[tuple[int, str], ...]
+    sizes: dict[int, int]
+
+
+class Session:
+    def __init__(self, transport: Transport, *, trace: TraceHook | None = None) -> None:
+        self.transport = transport
+        self.conn = pop3.Connection()
+        self._trace = trace
+        self.greeting: pop3.Greeting | None = None
+
+    # plumbing ------------------------------------------------------------
+    def send(self, *commands: pop3.Command) -> None:
+        data = b"".join(self.conn.send(command) for command in commands)
+        if self._trace is not None:
+            for command in commands:
+                self._trace("C", traced(command))
+        self.transport.write(data)
+
+    async def next_event(self) -> pop3.Event:
+        conn = self.conn
+        while True:
+            event = conn.next_event()
+            if event is not pop3.NEED_DATA:
+                if self._trace is not None and not isinstance(event, pop3.MessageData):
+                    self._trace("S", _summarise(event))
+                return event
+            conn.receive_data(await self.transport.read())
+
+    async def request(self, command: pop3.Command, *, during_login: bool = False) -> pop3.Event:
+        """Send one command and return its (complete) reply; ``-ERR`` raises."""
+        self.send(command)
+        event = await self.next_event()
+        if isinstance(event, pop3.Err):
+            raise error_for(command, event, during_login=during_login)
+        return event
+
+    # session phases ----------------------------------------------------------
+    async def read_greeting(self) -> pop3.Greeting:
+        event = await self.next_event()
+        if isinstance(event, pop3.Err):
+            raise error_for(None, event)
+        if not isinstance(event, pop3.Greeting):
+            raise pop3.RemoteProtocolError(f"expected a greeting, got {event!r}")
+        self.greeting = event
+        return event
+
+    async def capa(self) -> dict[str, tuple[str, ...]]:
+        """CAPA, or an empty dict when the server does not support it."""
+        self.send(pop3.Capa())
+        event = await self.next_event()
+        if isinstance(event, pop3.Capabilities):
+            return dict(event.capabilities)
+        return {}
+
+    async def starttls(
+        self, ctx: ssl.SSLContext, server_hostname: str, handshake_timeout: float
+    ) -> None:
+        """STLS, mandatory: any refusal aborts before a credential is sent."""
+        caps = await self.capa()
+        if "STLS" not in caps:
+            raise TlsError(
+                f"{self.transport.host} does not offer STLS (CAPA lacks it); refusing to "
+                "continue without TLS"
+            )
+        self.send(pop3.Stls())
+        try:
+            event = await self.next_event()
+        except pop3.RemoteProtocolError as exc:
+            # The engine saw plaintext queued behind the +OK: an injection attempt.
+            raise TlsError(f"{self.transport.host}: {exc}; aborting before any credential") from exc
+        if not isinstance(event, pop3.Ok):
+            text = event.text if isinstance(event, pop3.Err) else repr(event)
+            raise TlsError(f"{self.transport.host} refused STLS: {text}")
+        await self.transport.start_tls(ctx, server_hostname, handshake_timeout)
+        self.conn.tls_established()
+
+    async def login(
+        self, username: str, password: str, method: str, caps: dict[str, tuple[str, ...]]
+    ) -> str:
+        """Authenticate; returns the method used ("user" or "plain")."""
+        if method == "auto":
+            sasl = {mech.upper() for mech in caps.get("SASL", ())}
+            method = "plain" if "PLAIN" in sasl else "user"
+        if method == "plain":
+            await self._auth_plain(username, password)
+        else:
+            await self.request(pop3.User(username), during_login=True)
+            await self.request(pop3.Pass(password), during_login=True)
+        return method
+
+    async def _auth_plain(self, username: str, password: str) -> None:
+        token = base64.b64encode(b"\0" + username.encode() + b"\0" + password.encode()).decode()
+        command = pop3.Auth("PLAIN")
+        self.send(command)
+        event = await self.next_event()
+        if isinstance(event, pop3.Continuation):
+            self.send(pop3.AuthResponse(token))
+            event = await self.next_event()
+            if isinstance(event, pop3.Continuation):
+                # A second challenge means the server rejected us; cancel as the RFC asks.
+                self.send(pop3.AuthResponse("*"))
+                event = await self.next_event()
+        if isinstance(event, pop3.Err):
+            raise error_for(command, event, during_login=True)
+        if not isinstance(event, pop3.Ok):
+            raise pop3.RemoteProtocolError(f"unexpected reply to AUTH PLAIN: {event!r}")
+
+    async def mailbox(self) -> Mailbox:
+        """STAT, UIDL and LIST (pipelined when allowed), cross-checked."""
+        commands: list[pop3.Command] = [pop3.Stat(), pop3.Uidl(), pop3.List()]
+        replies: list[pop3.Event] = []
+        if self.conn.pipelining_allowed:
+            self.send(*commands)
+            for command in commands:
+                replies.append(await self._expect_ok(command))
+        else:
+            for command in commands:
+                self.send(command)
+                replies.append(await self._expect_ok(command))
+        stat, uidl, listing = replies
+        if not (
+            isinstance(stat, pop3.StatReply)
+            and isinstance(uidl, pop3.UidListing)
+            and isinstance(listing, pop3.ScanListing)
+        ):
+            raise pop3.RemoteProtocolError(f"unexpected replies to STAT/UIDL/LIST: {replies!r}")
+        sizes = dict(listing.entries)
+        numbers = {n for n, _ in uidl.entries}
+        host = self.transport.host
+        if len(uidl.entries) != stat.count or len(sizes) != stat.count:
+            raise pop3.RemoteProtocolError(
+                f"{host} reports {stat.count} messages in STAT but lists "
+                f"{len(uidl.entries)} in UIDL and {len(sizes)} in LIST"
+            )
+        if numbers != set(sizes) or (numbers and max(numbers) > stat.count):
+            raise pop3.RemoteProtocolError(
+                f"{host}'s UIDL and LIST disagree on message numbers, or a number "
+                f"exceeds the STAT count {stat.count}"
+            )
+        return Mailbox(stat.count, stat.size, uidl.entries, sizes)
+
+    async def _expect_ok(self, command: pop3.Command) -> pop3.Event:
+        event = await self.next_event()
+        if isinstance(event, pop3.Err):
+            raise error_for(command, event)
+        return event
+
+    async def retrieve(
+        self, numbers: Sequence[int], sizes: dict[int, int]
+    ) -> AsyncIterator[pop3.Event]:
+        """RETR each message, pipelined when the server allows it.
+
+        Yields MessageStart, MessageData... and MessageEnd per message, in
+        order.  A ``-ERR`` to a RETR raises ``ServerError`` for that message.
+        """
+        window = MAX_PIPELINE_COMMANDS if self.conn.pipelining_allowed else 1
+        pending = iter(numbers)
+        in_flight: list[int] = []
+        head = 0
+        bytes_in_flight = 0
+
+        def refill() -> None:
+            nonlocal bytes_in_flight
+            batch: list[pop3.Command] = []
+            while len(in_flight) - head < window and (
+                bytes_in_flight < MAX_PIPELINE_BYTES or len(in_flight) == head
+            ):
+                n = next(pending, None)
+                if n is None:
+                    break
+                in_flight.append(n)
+                bytes_in_flight += sizes.get(n, 0)
+                batch.append(pop3.Retr(n))
+            if batch:
+                self.send(*batch)
+
+        refill()
+        while head < len(in_flight):
+            event = await self.next_event()
+            if isinstance(event, pop3.Err):
+                raise error_for(event.command, event)
+            yield event
+            if isinstance(event, pop3.MessageEnd):
+                bytes_in_flight -= sizes.get(in_flight[head], 0)
+                head += 1
+                refill()
+
+    async def delete(self, numbers: Sequence[int]) -> None:
+        """DELE each message (pipelined when allowed); any ``-ERR`` raises."""
+        if not numbers:
+            return
+        if self.conn.pipelining_allowed:
+            for start in range(0, len(numbers), MAX_PIPELINE_COMMANDS):
+                chunk = numbers[start : start + MAX_PIPELINE_COMMANDS]
+                self.send(*(pop3.Dele(n) for n in chunk))
+                for n in chunk:
+                    await self._expect_ok(pop3.Dele(n))
+        else:
+            for n in numbers:
+                await self.request(pop3.Dele(n))
+
+    async def quit(self) -> None:
+        """QUIT: the server now applies the DELEs (UPDATE state)."""
+        await self.request(pop3.Quit())
+        await self.transport.close()
+
+
+def _summarise(event: pop3.Event) -> str:
+    match event:
+        case pop3.UidListing(entries=entries) | pop3.ScanListing(entries=entries):
+            return f"{type(event).__name__} ({len(entries)} entries)"
+        case pop3.Continuation():
+            return "+ (challenge)"
+        case _:
+            return repr(event)

@@ -1,0 +1,194 @@
+"""End-to-end polls against a real Dovecot over TLS into a Maildir."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpopd.config import load_config
+from gpopd.errors import TlsError
+from gpopd.fetch import poll_once
+from gpopd.store import Store
+from tests.support.certs import TestPKI
+from tests.support.corpus import (
+    attachment_message,
+    edge_case_messages,
+    expected_delivery,
+    mixed_corpus,
+)
+from tests.support.dovecot import TEST_USERS, Dovecot, DovecotFactory
+from tests.support.gpopd_config import AccountSpec, maildir_contents, write_config
+
+PASSWORD = TEST_USERS["alice"]
+
+
+def alice(dovecot: Dovecot, pki: TestPKI, tmp_path: Path, **overrides: object) -> AccountSpec:
+    spec = AccountSpec(
+        name="alice",
+        port=dovecot.pop3s_port,
+        username="alice",
+        password=PASSWORD,
+        maildir=tmp_path / "Maildir",
+        ca_file=pki.ca_file,
+    )
+    for key, value in overrides.items():
+        setattr(spec, key, value)
+    return spec
+
+
+def corpus_500() -> list[bytes]:
+    edge = edge_case_messages()
+    return [
+        *edge,
+        attachment_message(10 * 1024 * 1024, seed=7),
+        *mixed_corpus(500 - len(edge) - 1, seed=3),
+    ]
+
+
+async def test_corpus_arrives_byte_exact_and_once(
+    dovecot: Dovecot, pki: TestPKI, tmp_path: Path
+) -> None:
+    """500 messages with every edge case arrive byte-exact; a second poll adds nothing."""
+    messages = corpus_500()
+    dovecot.add_messages("alice", messages)
+    config = write_config(tmp_path, [alice(dovecot, pki, tmp_path)])
+    settings = load_config(config, environ={})
+
+    [first] = await poll_once(settings)
+    assert first.outcome == "ok", first.error
+    assert first.delivered == len(messages)
+    maildir = tmp_path / "Maildir"
+    assert maildir_contents(maildir) == sorted(expected_delivery(m) for m in messages)
+    for entry in (maildir / "new").iterdir():
+        assert stat.S_IMODE(entry.stat().st_mode) == 0o600
+
+    [second] = await poll_once(settings)
+    assert (second.outcome, second.delivered, second.skipped) == ("ok", 0, len(messages))
+    assert len(maildir_contents(maildir)) == len(messages)
+    assert dovecot.message_count("alice") == len(messages)  # keep: true
+    with Store(settings.state_dir) as store:
+        assert len(store.delivered_uids("alice")) == len(messages)
+        assert store.pending("alice") == {}
+        assert store.last_poll("alice")["outcome"] == "ok"
+
+
+async def test_keep_false_empties_the_server(
+    dovecot: Dovecot, pki: TestPKI, tmp_path: Path
+) -> None:
+    """With keep: false every delivered message is deleted from the server at QUIT."""
+    messages = mixed_corpus(60, seed=11)
+    dovecot.add_messages("alice", messages)
+    config = write_config(tmp_path, [alice(dovecot, pki, tmp_path, keep=False)])
+    [result] = await poll_once(load_config(config, environ={}))
+    assert result.outcome == "ok", result.error
+    assert (result.delivered, result.deleted) == (60, 60)
+    assert dovecot.message_count("alice") == 0
+    assert maildir_contents(tmp_path / "Maildir") == sorted(map(expected_delivery, messages))
+
+
+async def test_keep_false_deletes_messages_delivered_earlier(
+    dovecot: Dovecot, pki: TestPKI, tmp_path: Path
+) -> None:
+    """Messages recorded as delivered by a keep: true poll are DELE'd once keep turns false."""
+    dovecot.add_messages("alice", mixed_corpus(5, seed=12))
+    write_config(tmp_path, [alice(dovecot, pki, tmp_path)])
+    await poll_once(load_config(tmp_path / "gpopd.yaml", environ={}))
+    assert dovecot.message_count("alice") == 5
+    config = write_config(tmp_path, [alice(dovecot, pki, tmp_path, keep=False)])
+    [result] = await poll_once(load_config(config, environ={}))
+    assert (result.outcome, result.delivered, result.skipped, result.deleted) == ("ok", 0, 5, 5)
+    assert dovecot.message_count("alice") == 0
+    assert len(maildir_contents(tmp_path / "Maildir")) == 5
+
+
+async def test_stls_on_the_plain_port(dovecot: Dovecot, pki: TestPKI, tmp_path: Path) -> None:
+    """tls: starttls upgrades Dovecot's port-110-style listener and delivers."""
+    messages = mixed_corpus(10, seed=13)
+    dovecot.add_messages("alice", messages)
+    spec = alice(dovecot, pki, tmp_path, tls="starttls", port=dovecot.pop3_port)
+    [result] = await poll_once(load_config(write_config(tmp_path, [spec]), environ={}))
+    assert result.outcome == "ok", result.error
+    assert maildir_contents(tmp_path / "Maildir") == sorted(map(expected_delivery, messages))
+
+
+@pytest.mark.parametrize("cert", ["untrusted", "wrong_name", "expired"])
+@pytest.mark.parametrize("tls", ["implicit", "starttls"])
+async def test_bad_certificate_refused_before_credentials(
+    dovecot_factory: DovecotFactory, pki: TestPKI, tmp_path: Path, cert: str, tls: str
+) -> None:
+    """A certificate that does not verify stops the session before USER/PASS is sent."""
+    server = dovecot_factory(cert=cert)
+    server.add_messages("alice", mixed_corpus(3, seed=14))
+    port = server.pop3s_port if tls == "implicit" else server.pop3_port
+    spec = alice(server, pki, tmp_path, tls=tls, port=port)
+    [result] = await poll_once(load_config(write_config(tmp_path, [spec]), environ={}))
+    assert isinstance(result.error, TlsError), result.error
+    assert result.delivered == 0
+    log = server.log_path.read_text()
+    assert "user=<alice>" not in log
+    assert "auth failed" not in log.lower()
+    assert not (tmp_path / "Maildir" / "new").exists() or not any(
+        (tmp_path / "Maildir" / "new").iterdir()
+    )
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gpopd", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def test_cli_poll_logs_json_and_exits_0(dovecot: Dovecot, pki: TestPKI, tmp_path: Path) -> None:
+    """`gpopd poll` exits 0, logs JSON lines with account context, never the password."""
+    dovecot.add_messages("alice", mixed_corpus(8, seed=15))
+    config = write_config(tmp_path, [alice(dovecot, pki, tmp_path)])
+    done = run_cli("poll", "--config", str(config), "--trace")
+    assert done.returncode == 0, done.stderr + done.stdout
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert lines, "no log lines"
+    for line in lines:
+        assert {"event", "level", "timestamp"} <= line.keys()
+    inside = [line for line in lines if line["event"] in ("message delivered", "poll finished")]
+    assert all(line.get("account") == "alice" for line in inside)
+    [summary] = [line for line in lines if line["event"] == "poll finished"]
+    assert (summary["delivered"], summary["outcome"]) == (8, "ok")
+    assert {"new", "skipped", "bytes", "seconds"} <= summary.keys()
+    sent = [line["line"] for line in lines if line["event"] == "pop3" and line["direction"] == "C"]
+    assert "AUTH PLAIN" in sent  # Dovecot offers SASL PLAIN, which auth: auto prefers
+    assert "***" in sent  # the SASL response, masked
+    assert PASSWORD not in done.stdout + done.stderr
+
+
+def test_cli_poll_exits_75_when_a_server_is_down(pki: TestPKI, tmp_path: Path) -> None:
+    """An account whose server refuses connections makes `gpopd poll` exit 75."""
+    spec = AccountSpec("down", 1, "alice", PASSWORD, tmp_path / "Maildir", ca_file=pki.ca_file)
+    done = run_cli("poll", "--config", str(write_config(tmp_path, [spec])))
+    assert done.returncode == 75, done.stdout + done.stderr
+    [summary] = [json.loads(x) for x in done.stdout.splitlines() if "poll finished" in x]
+    assert summary["account"] == "down"
+    assert summary["outcome"] == "network-error"
+    assert "127.0.0.1:1" in summary["error"]
+
+
+def test_cli_poll_exits_78_on_a_bad_config(tmp_path: Path) -> None:
+    """A config with a wrong type exits 78 and names file, line and key."""
+    config = tmp_path / "gpopd.yaml"
+    config.write_text(
+        "accounts:\n  a:\n    host: h\n    port: many\n    username: u\n"
+        "    password: {env: P}\n    delivery: {type: maildir, path: /tmp/x}\n"
+    )
+    done = run_cli("poll", "--config", str(config))
+    assert done.returncode == 78
+    assert f"{config}:4:" in done.stderr
+    assert "accounts.a.port" in done.stderr
