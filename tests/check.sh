@@ -3,7 +3,7 @@
 # runs excluded by pyproject's addopts; run them with `pytest -m slow`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m ruff check gpopd tests bench
-python3 -m ruff format --check gpopd tests bench
+python3 -m ruff check .
+python3 -m ruff format --check .
 python3 -m mypy gpopd
 python3 -m pytest "$@"
