@@ -203,8 +203,96 @@ class MaildirDelivery(_Model):
     path: AbsolutePath
 
 
+class MboxDelivery(_Model):
+    """Append to an mbox file (mboxrd), locked with fcntl and a dotlock."""
+
+    type: Literal["mbox"]
+    path: AbsolutePath
+
+
+class MdaDelivery(_Model):
+    """Pipe each message into a command (no shell): exit 0 delivered, 75 retry later."""
+
+    type: Literal["mda"]
+    command: Annotated[tuple[Text, ...], Field(min_length=1)]
+    timeout: Timeout = 300.0
+
+
+_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+class SmtpDelivery(_Model):
+    """Forward each message to an SMTP relay (aiosmtplib).
+
+    ``tls`` defaults to ``starttls`` (then mandatory) except for a relay on
+    the loopback interface, where plain SMTP is the usual setup.
+    """
+
+    type: Literal["smtp"]
+    host: Host
+    port: Port | None = None
+    tls: TlsMode | None = None
+    ca_file: ReadableFile | None = None
+    username: Text | None = None
+    password: Secret | None = None
+    allow_plaintext: bool = False
+    recipient: Annotated[tuple[Text, ...], Field(min_length=1)]
+    sender: Text | None = None
+    timeout: Timeout = 60.0
+
+    @property
+    def effective_tls(self) -> TlsMode:
+        if self.tls is not None:
+            return self.tls
+        return "none" if self.host.lower() in _LOOPBACK else "starttls"
+
+    @property
+    def effective_port(self) -> int:
+        if self.port is not None:
+            return self.port
+        return 465 if self.effective_tls == "implicit" else 25
+
+    @model_validator(mode="after")
+    def _credentials_need_tls(self) -> Self:
+        if (self.username is None) != (self.password is None):
+            raise PydanticCustomError(
+                "smtp_credentials", "username and password go together", {"gpopd_key": "password"}
+            )
+        if self.password is not None and self.effective_tls == "none" and not self.allow_plaintext:
+            raise PydanticCustomError(
+                "plaintext_refused",
+                "SMTP AUTH without TLS sends the password unencrypted; "
+                "set tls: starttls or implicit, or allow_plaintext: true",
+                {"gpopd_key": "tls"},
+            )
+        return self
+
+
+class LmtpDelivery(_Model):
+    """Deliver over LMTP (RFC 2033) by TCP (``host``/``port``) or a Unix ``socket``."""
+
+    type: Literal["lmtp"]
+    host: Host | None = None
+    port: Port = 24
+    socket: AbsolutePath | None = None
+    recipient: Annotated[tuple[Text, ...], Field(min_length=1)]
+    sender: Text | None = None
+    timeout: Timeout = 60.0
+
+    @model_validator(mode="after")
+    def _one_address(self) -> Self:
+        if (self.host is None) == (self.socket is None):
+            raise PydanticCustomError(
+                "lmtp_address", "give exactly one of host or socket", {"gpopd_key": "host"}
+            )
+        return self
+
+
 # New destinations join this union; ``type`` picks the model.
-Delivery = Annotated[MaildirDelivery, Field(discriminator="type")]
+Delivery = Annotated[
+    MaildirDelivery | MboxDelivery | MdaDelivery | SmtpDelivery | LmtpDelivery,
+    Field(discriminator="type"),
+]
 
 
 class _ExplicitName(str):

@@ -270,9 +270,10 @@ def test_delivery_type_missing_or_unknown(tmp_path: Path) -> None:
     """The delivery type is required and must be a known one."""
     path = write(tmp_path, BASE.replace("      type: maildir\n", ""))
     assert problems(path) == [f"{path}:6:5: accounts.alice.delivery.type: Field required"]
-    path = write(tmp_path, BASE.replace("type: maildir", "type: mbox"))
+    path = write(tmp_path, BASE.replace("type: maildir", "type: pigeon"))
     assert problems(path) == [
-        f"{path}:7:13: accounts.alice.delivery.type: Input should be 'maildir'"
+        f"{path}:7:13: accounts.alice.delivery.type: "
+        "Input should be 'maildir', 'mbox', 'mda', 'smtp', 'lmtp'"
     ]
 
 
