@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 from gpopd.delivery.base import MessageInfo, Staged, Writer
 from gpopd.errors import TemporaryDeliveryError
@@ -27,7 +27,7 @@ CHUNK_SIZE = 1 << 20
 class SpooledMessage(Staged):
     """A whole message in an anonymous file; ``chunks()`` reads it back."""
 
-    file: BinaryIO | None = field(default=None, repr=False)
+    file: IO[bytes] | None = field(default=None, repr=False)
 
     def chunks(self, size: int = CHUNK_SIZE) -> Iterator[bytes]:
         if self.file is None:
@@ -53,7 +53,7 @@ class SpoolWriter(Writer):
         self._info = info
         try:
             # The file outlives this call: finish() hands it to the staged message.
-            self._file: BinaryIO | None = tempfile.TemporaryFile(  # noqa: SIM115
+            self._file: IO[bytes] | None = tempfile.TemporaryFile(  # noqa: SIM115
                 dir=directory, buffering=CHUNK_SIZE
             )
         except OSError as exc:
