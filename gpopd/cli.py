@@ -10,16 +10,19 @@ import argparse
 import asyncio
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 import structlog
 
 from gpopd import __version__, logs
 from gpopd.config import Settings, config_path, load_config
+from gpopd.daemon import Daemon
 from gpopd.demo import run_demo
 from gpopd.errors import EX_CONFIG, EX_OK, EX_SOFTWARE, EX_TEMPFAIL, EX_USAGE, ConfigError
-from gpopd.fetch import poll_once, protocol_tracer
+from gpopd.fetch import PollResult, poll_once, protocol_tracer
 
 log = structlog.get_logger("gpopd")
 
@@ -52,6 +55,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"gpopd {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    commands.add_parser(
+        "run",
+        parents=[common],
+        help="run as a service: poll every account on its schedule until stopped",
+        description=(
+            "Poll every account on its own schedule until SIGTERM. SIGHUP reloads the "
+            "configuration, SIGUSR1 polls every account now. Speaks sd_notify under systemd."
+        ),
+    )
 
     poll = commands.add_parser(
         "poll",
@@ -96,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "poll":
             return _cmd_poll(args)
+        if args.command == "run":
+            return _cmd_run(args)
         if args.command == "check-config":
             return _cmd_check_config(args)
         if args.command == "demo":
@@ -125,6 +140,15 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    daemon = Daemon(
+        config_path(args.config, os.environ),
+        os.environ,
+        trace=protocol_tracer() if args.trace else None,
+    )
+    return asyncio.run(daemon.run())
+
+
 def _cmd_poll(args: argparse.Namespace) -> int:
     settings = _load(args)
     unknown = [name for name in args.accounts if name not in settings.accounts]
@@ -132,7 +156,29 @@ def _cmd_poll(args: argparse.Namespace) -> int:
         print(f"gpopd: no such account: {', '.join(unknown)}", file=sys.stderr)
         return EX_USAGE
     tracer = protocol_tracer() if args.trace else None
-    results = asyncio.run(poll_once(settings, args.accounts or None, trace=tracer))
+    progress = ProgressLine(sys.stderr) if sys.stderr.isatty() else None
+    results = asyncio.run(
+        poll_once(settings, args.accounts or None, trace=tracer, progress=progress)
+    )
     if not results:
         return EX_SOFTWARE
     return EX_OK if all(result.ok for result in results) else EX_TEMPFAIL
+
+
+class ProgressLine:
+    """One line on a terminal: per account, messages done/total, bytes and rate."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.started = time.monotonic()
+
+    def __call__(self, results: Sequence[PollResult], final: bool) -> None:
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        parts = []
+        for r in results:
+            rate = r.received / elapsed / 1e6
+            parts.append(
+                f"{r.account}: {r.delivered}/{r.new} msgs {r.received / 1e6:.1f} MB {rate:.1f} MB/s"
+            )
+        self.stream.write("\r\x1b[K" + " | ".join(parts)[:500] + ("\n" if final else ""))
+        self.stream.flush()

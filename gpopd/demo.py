@@ -21,9 +21,10 @@ import sys
 from email.utils import formatdate
 from pathlib import Path
 
-from gpopd.config import load_config
+from gpopd.daemon import Daemon
 from gpopd.errors import EX_OK, EX_SOFTWARE, EX_TEMPFAIL
-from gpopd.fetch import poll_once, protocol_tracer
+from gpopd.fetch import protocol_tracer
+from gpopd.sdnotify import Notifier
 
 DEMO_USER = "demo@example.test"
 
@@ -196,6 +197,7 @@ def write_config(directory: Path, port: int, cert: Path, password_file: Path) ->
         f"    username: {DEMO_USER}\n"
         f"    password: {{file: {password_file}}}\n"
         "    keep: false\n"
+        "    poll_interval: 10s\n"
         "    delivery:\n"
         "      type: maildir\n"
         f"      path: {directory / 'Maildir'}\n"
@@ -221,11 +223,18 @@ def run_demo(directory: Path, count: int, *, trace: bool = False) -> int:
         port = await server.start(ctx)
         try:
             config = write_config(directory, port, cert, password_file)
-            settings = load_config(config, environ=os.environ)
-            results = await poll_once(settings, trace=protocol_tracer() if trace else None)
+            # The same service code as `gpopd run`, stopped after one poll.
+            daemon = Daemon(
+                config,
+                os.environ,
+                notifier=Notifier({}),
+                trace=protocol_tracer() if trace else None,
+                once=True,
+            )
+            await daemon.run()
         finally:
             await server.stop()
-        result = results[0]
+        result = daemon.results["demo"]
         maildir = directory / "Maildir"
         stored = len(list((maildir / "new").iterdir())) if (maildir / "new").is_dir() else 0
         out = sys.stderr

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
@@ -43,7 +44,7 @@ from gpopd.errors import (
     TemporaryDeliveryError,
     TransportError,
 )
-from gpopd.session import Mailbox, Session, TraceHook
+from gpopd.session import Mailbox, Session, TraceHook, login_delay
 from gpopd.store import AccountLock, Store
 from gpopd.transport import Transport, make_tls_context
 
@@ -85,6 +86,8 @@ class PollResult:
     oversized: int = 0
     recovered: int = 0
     bytes: int = 0
+    received: int = 0  # bytes read from the server so far, for progress displays
+    login_delay: float | None = None
     seconds: float = 0.0
     error: BaseException | None = None
 
@@ -199,6 +202,7 @@ class _Transfer:
             async for event in self.session.retrieve([i.number for i in items], sizes):
                 if isinstance(event, pop3.MessageData):
                     received += len(event.data)
+                    self.result.received += len(event.data)
                     if received > limit:
                         raise pop3.RemoteProtocolError(
                             f"message {item.number if item else '?'} exceeds "
@@ -332,6 +336,7 @@ async def _poll(
     result.recovered = await _recover(account, destination, db)
     delivered = await db.call(db.store.delivered_uids, account.name)
     session = await open_session(account, trace)
+    result.login_delay = login_delay(session.capabilities)
     transport = session.transport
     try:
         mailbox = await session.mailbox()
@@ -388,11 +393,15 @@ async def poll_account(
     *,
     destination: Destination | None = None,
     trace: TraceHook | None = None,
+    result: PollResult | None = None,
 ) -> PollResult:
-    """Poll one account once; never raises for the account's own failures."""
-    result = PollResult(account.name)
+    """Poll one account once; never raises for the account's own failures.
+
+    ``result`` may be passed in to watch the poll's progress while it runs.
+    """
+    result = result if result is not None else PollResult(account.name)
     started = time.monotonic()
-    with bound_contextvars(account=account.name):
+    with bound_contextvars(account=account.name, session=secrets.token_hex(4)):
         poll_id = await db.call(db.store.poll_started, account.name, time.time())
         dest = destination or build_destination(account.delivery)
         try:
@@ -466,17 +475,48 @@ def protocol_tracer() -> TraceHook:
     return trace
 
 
+ProgressHook = Callable[[Sequence[PollResult], bool], None]
+
+
 async def poll_once(
-    settings: Settings, names: Sequence[str] | None = None, *, trace: TraceHook | None = None
+    settings: Settings,
+    names: Sequence[str] | None = None,
+    *,
+    trace: TraceHook | None = None,
+    progress: ProgressHook | None = None,
 ) -> list[PollResult]:
-    """Poll the named accounts (default: all) once, concurrently."""
+    """Poll the named accounts (default: all) once, concurrently.
+
+    At most ``max_sessions`` sessions at once, and ``max_sessions_per_host``
+    to one host (the host's slot is taken first, as the scheduler does).
+    """
     db = StoreWorker(Store(settings.state_dir))
+    overall = asyncio.Semaphore(settings.max_sessions)
+    per_host: dict[str, asyncio.Semaphore] = {}
+
+    accounts = [settings.accounts[name] for name in (names or settings.accounts)]
+    results = [PollResult(account.name) for account in accounts]
+
+    async def one(account: Account, result: PollResult) -> PollResult:
+        host = per_host.setdefault(
+            account.host.lower(), asyncio.Semaphore(settings.max_sessions_per_host)
+        )
+        async with host, overall:
+            return await poll_account(account, db, settings.state_dir, trace=trace, result=result)
+
+    async def show() -> None:
+        assert progress is not None  # noqa: S101 - only started with a hook
+        while True:
+            progress(results, False)
+            await asyncio.sleep(0.25)
+
+    ticker = asyncio.create_task(show()) if progress is not None else None
     try:
-        accounts = [settings.accounts[name] for name in (names or settings.accounts)]
         return list(
-            await asyncio.gather(
-                *(poll_account(acc, db, settings.state_dir, trace=trace) for acc in accounts)
-            )
+            await asyncio.gather(*(one(a, r) for a, r in zip(accounts, results, strict=True)))
         )
     finally:
+        if ticker is not None:
+            ticker.cancel()
+            progress(results, True)  # type: ignore[misc]
         await db.close()

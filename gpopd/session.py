@@ -78,6 +78,14 @@ def traced(command: pop3.Command) -> str:
             return describe(command)
 
 
+def login_delay(capabilities: dict[str, tuple[str, ...]]) -> float | None:
+    """The LOGIN-DELAY a server advertises (RFC 2449 §6.8), in seconds."""
+    params = capabilities.get("LOGIN-DELAY", ())
+    if params and params[0].isdigit():
+        return float(params[0])
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Mailbox:
     """What the server says it holds, checked for consistency."""
@@ -94,6 +102,8 @@ class Session:
         self.conn = pop3.Connection()
         self._trace = trace
         self.greeting: pop3.Greeting | None = None
+        # The server's latest CAPA answer (empty when it has none).
+        self.capabilities: dict[str, tuple[str, ...]] = {}
 
     # plumbing ------------------------------------------------------------
     def send(self, *commands: pop3.Command) -> None:
@@ -135,9 +145,8 @@ class Session:
         """CAPA, or an empty dict when the server does not support it."""
         self.send(pop3.Capa())
         event = await self.next_event()
-        if isinstance(event, pop3.Capabilities):
-            return dict(event.capabilities)
-        return {}
+        self.capabilities = dict(event.capabilities) if isinstance(event, pop3.Capabilities) else {}
+        return self.capabilities
 
     async def starttls(
         self, ctx: ssl.SSLContext, server_hostname: str, handshake_timeout: float

@@ -192,3 +192,49 @@ def test_cli_poll_exits_78_on_a_bad_config(tmp_path: Path) -> None:
     assert done.returncode == 78
     assert f"{config}:4:" in done.stderr
     assert "accounts.a.port" in done.stderr
+
+
+def test_cli_poll_progress_only_on_a_terminal(
+    dovecot: Dovecot, pki: TestPKI, tmp_path: Path
+) -> None:
+    """Progress (done/total, bytes, rate) goes to a terminal, never into a pipe."""
+    import pty
+
+    dovecot.add_messages("alice", mixed_corpus(6, seed=16))
+    config = write_config(tmp_path, [alice(dovecot, pki, tmp_path)])
+    leader, follower = pty.openpty()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "gpopd", "poll", "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=follower,
+            timeout=120,
+            check=False,
+        )
+        os.close(follower)
+        shown = b""
+        while chunk := _read_nowait(leader):
+            shown += chunk
+    finally:
+        os.close(leader)
+    assert done.returncode == 0
+    assert b"alice: 6/6 msgs" in shown
+    assert b"MB/s" in shown
+
+    dovecot.add_messages("alice", mixed_corpus(2, seed=17))
+    piped = run_cli("poll", "--config", str(config))
+    assert piped.returncode == 0
+    assert "msgs" not in piped.stderr
+    assert "\x1b[K" not in piped.stderr + piped.stdout
+
+
+def _read_nowait(fd: int) -> bytes:
+    import select
+
+    ready, _, _ = select.select([fd], [], [], 0.2)
+    if not ready:
+        return b""
+    try:
+        return os.read(fd, 65536)
+    except OSError:  # EIO once the terminal's other side is closed
+        return b""

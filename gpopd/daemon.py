@@ -1,0 +1,247 @@
+"""``gpopd run``: the long-running service.
+
+Wiring only: configuration, the state store, the scheduler, signals and
+sd_notify.  Signals are handled inside the event loop
+(``loop.add_signal_handler``), so a handler never interrupts a commit:
+
+* SIGTERM/SIGINT: ``STOPPING=1``, no new polls; running polls get
+  ``STOP_GRACE`` seconds to finish, then are cancelled.  A cancelled poll
+  drops its connection without QUIT (the server deletes nothing) and still
+  commits every message it had received whole, so nothing is lost or half
+  delivered.  A second signal exits at once; the state on disk is
+  crash-safe at every instant.
+* SIGHUP: re-read and validate the configuration (``RELOADING=1``); apply it
+  if valid, otherwise log every problem and keep running on the old one;
+  reopen the log file; ``READY=1``.
+* SIGUSR1: poll every account now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Coroutine, Mapping
+from pathlib import Path
+
+import structlog
+
+from gpopd import __version__, logs, pop3
+from gpopd.config import Settings, load_config
+from gpopd.errors import (
+    EX_OK,
+    EX_SOFTWARE,
+    AuthError,
+    ConfigError,
+    MailboxBusyError,
+    ServerError,
+    TlsError,
+    TransportError,
+)
+from gpopd.fetch import PollResult, StoreWorker, poll_account
+from gpopd.scheduler import Job, Outcome, PollReport, Scheduler
+from gpopd.sdnotify import Notifier
+from gpopd.session import TraceHook
+from gpopd.store import Store
+
+# Must stay below the unit's TimeoutStopSec (30 s) so systemd never has to
+# SIGKILL a clean shutdown.
+STOP_GRACE = 20.0
+
+log = structlog.get_logger("gpopd.daemon")
+
+
+def report_for(result: PollResult) -> PollReport:
+    """Translate a poll's result into what the scheduler needs to know."""
+    error = result.error
+    detail = str(error) if error is not None else ""
+    if result.ok:
+        outcome = Outcome.OK
+    elif isinstance(error, AuthError | TlsError) or (
+        isinstance(error, ServerError) and (error.code or "").upper().startswith("SYS/PERM")
+    ):
+        # Bad credentials, a disabled mailbox or a certificate that does not
+        # verify: retrying quickly cannot help.
+        outcome = Outcome.NEEDS_PERSON
+    elif isinstance(error, MailboxBusyError | TransportError | pop3.ProtocolError):
+        outcome = Outcome.BUSY
+    else:
+        outcome = Outcome.FAILED
+    return PollReport(outcome, login_delay=result.login_delay, detail=detail)
+
+
+def jobs_for(settings: Settings) -> list[Job]:
+    return [Job(acc.name, acc.host, acc.poll_interval) for acc in settings.accounts.values()]
+
+
+class Daemon:
+    def __init__(
+        self,
+        config_path: Path,
+        environ: Mapping[str, str],
+        *,
+        notifier: Notifier | None = None,
+        trace: TraceHook | None = None,
+        once: bool = False,
+    ) -> None:
+        self.config_path = config_path
+        self.environ = environ
+        self.notifier = notifier if notifier is not None else Notifier(environ)
+        self.trace = trace
+        self.once = once
+        self.settings: Settings | None = None
+        self.results: dict[str, PollResult] = {}
+        self._db: StoreWorker | None = None
+        self._scheduler: Scheduler | None = None
+        self._stop = asyncio.Event()
+        self._signals = 0
+        self._tasks: set[asyncio.Task[object]] = set()
+        self.started = time.time()
+
+    # ------------------------------------------------------------------ run
+    async def run(self) -> int:
+        """Run until a stop signal (or, with ``once``, one poll of every account)."""
+        settings = await asyncio.to_thread(load_config, self.config_path, environ=self.environ)
+        self.settings = settings
+        self._db = StoreWorker(Store(settings.state_dir))
+        scheduler = Scheduler(
+            self._poll,
+            max_sessions=settings.max_sessions,
+            max_sessions_per_host=settings.max_sessions_per_host,
+        )
+        self._scheduler = scheduler
+        scheduler.set_jobs(jobs_for(settings))
+        loop = asyncio.get_running_loop()
+        self._install_signals(loop)
+        try:
+            await scheduler.start()
+            self.notifier.ready(self._status_line())
+            log.info(
+                "gpopd started",
+                version=__version__,
+                accounts=len(settings.accounts),
+                config=str(self.config_path),
+                pid=os.getpid(),
+            )
+            if self.notifier.watchdog_interval:
+                self._spawn(self._watchdog(self.notifier.watchdog_interval))
+            await self._stop.wait()
+            self.notifier.stopping()
+            log.info("stopping", grace_seconds=STOP_GRACE)
+            try:
+                await asyncio.wait_for(scheduler.stop(), STOP_GRACE)
+            except TimeoutError:
+                log.warning("polls still running at the end of the grace period were cancelled")
+        finally:
+            self._remove_signals(loop)
+            for task in list(self._tasks):
+                task.cancel()
+            await self._db.close()
+        log.info("gpopd stopped")
+        return EX_OK
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    # ------------------------------------------------------------- polling
+    async def _poll(self, name: str) -> PollReport:
+        settings, db = self.settings, self._db
+        if settings is None or db is None:
+            raise RuntimeError("poll before the daemon started")
+        account = settings.accounts.get(name)
+        if account is None:  # removed by a reload while it waited for a slot
+            return PollReport(Outcome.OK)
+        result = await poll_account(account, db, settings.state_dir, trace=self.trace)
+        self.results[name] = result
+        self.notifier.status(self._status_line())
+        if self.once and set(self.results) >= set(settings.accounts):
+            self._stop.set()
+        return report_for(result)
+
+    def _status_line(self) -> str:
+        settings = self.settings
+        total = len(settings.accounts) if settings else 0
+        failing = sum(1 for r in self.results.values() if not r.ok)
+        delivered = sum(r.delivered for r in self.results.values())
+        return (
+            f"{total} account(s); {len(self.results)} polled, {failing} failing; "
+            f"last polls delivered {delivered} message(s)"
+        )
+
+    async def _watchdog(self, interval: float) -> None:
+        # Runs on the event loop: a blocked loop stops the pings, and so does
+        # a poll stuck past the scheduler's deadline.
+        while True:
+            await asyncio.sleep(interval)
+            if self._scheduler is not None and self._scheduler.healthy():
+                self.notifier.watchdog()
+
+    # ------------------------------------------------------------- signals
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal, "SIGTERM")
+        loop.add_signal_handler(signal.SIGINT, self._on_stop_signal, "SIGINT")
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
+        loop.add_signal_handler(signal.SIGUSR1, self._on_poll_now_signal)
+
+    def _remove_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            with contextlib.suppress(ValueError, RuntimeError):
+                loop.remove_signal_handler(sig)
+
+    def _on_stop_signal(self, name: str) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second stop signal: exiting at once", signal=name)
+            os._exit(EX_SOFTWARE)
+        log.info("stop requested", signal=name)
+        self._stop.set()
+
+    def _on_reload_signal(self) -> None:
+        self._spawn(self.reload())
+
+    def _on_poll_now_signal(self) -> None:
+        log.info("poll of every account requested (SIGUSR1)")
+        if self._scheduler is not None:
+            self._scheduler.poll_all_now()
+
+    def _spawn(self, coro: Coroutine[object, object, object]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -------------------------------------------------------------- reload
+    async def reload(self) -> bool:
+        """Re-read the configuration; apply it only if it is valid."""
+        self.notifier.reloading()
+        log.info("reloading the configuration", config=str(self.config_path))
+        logs.reopen_log_file()
+        try:
+            settings = await asyncio.to_thread(load_config, self.config_path, environ=self.environ)
+        except ConfigError as exc:
+            log.error(
+                "configuration reload failed; still running on the previous configuration",
+                problems=exc.problems,
+            )
+            self.notifier.ready(self._status_line())
+            return False
+        old = self.settings
+        if old is not None and settings.state_dir != old.state_dir:
+            log.warning("state_dir changes take effect at the next restart")
+            settings = settings.model_copy(update={"state_dir": old.state_dir})
+        added = set(settings.accounts) - set(old.accounts if old else ())
+        removed = set(old.accounts if old else ()) - set(settings.accounts)
+        self.settings = settings
+        for name in removed:
+            self.results.pop(name, None)
+        if self._scheduler is not None:
+            self._scheduler.set_jobs(jobs_for(settings))
+        log.info(
+            "configuration reloaded",
+            accounts=len(settings.accounts),
+            added=sorted(added),
+            removed=sorted(removed),
+        )
+        self.notifier.ready(self._status_line())
+        return True
