@@ -50,9 +50,11 @@ from gpopd.transport import Transport, make_tls_context
 
 T = TypeVar("T")
 
-# A commit window never holds more than this many staged messages: beyond it
-# the fetch waits for the previous commit rather than stage without bound.
+# A commit window never holds more than this many staged messages or bytes
+# (a destination may keep small messages in memory until commit): beyond
+# either the fetch waits for the previous commit rather than stage more.
 MAX_COMMIT_WINDOW = 128
+MAX_COMMIT_BYTES = 8 * 1024 * 1024
 
 log = structlog.get_logger("gpopd.fetch")
 
@@ -261,7 +263,8 @@ class _Transfer:
 
     async def _maybe_commit(self) -> None:
         if self._commit is not None and not self._commit.done():
-            if len(self._batch) < MAX_COMMIT_WINDOW:
+            staged_bytes = sum(staged.size for _, staged, _ in self._batch)
+            if len(self._batch) < MAX_COMMIT_WINDOW and staged_bytes < MAX_COMMIT_BYTES:
                 return  # the running commit will be followed by a bigger one
             await self._commit
         await self._finish_commit()

@@ -25,8 +25,8 @@ from gpopd.errors import ConnectTimeout, ReadTimeout, TlsError, TransportError
 
 # Stop reading from the socket while this much received data waits for the
 # engine: bounds memory when the consumer (disk) is slower than the network.
-READ_HIGH_WATER = 4 * 1024 * 1024
-READ_LOW_WATER = 1 * 1024 * 1024
+READ_HIGH_WATER = 2 * 1024 * 1024
+READ_LOW_WATER = 512 * 1024
 # One read() hands over at most this much, so a slow consumer still sees
 # progress in bounded pieces.
 MAX_READ = 1024 * 1024
