@@ -7,19 +7,29 @@ shippers want), a readable console format on a terminal.  Standard-library
 records (asyncio, aiosmtplib) pass through the same processors, so they carry
 the same context and format.
 
+With ``log_file``, every line also goes to that file, always as JSON lines
+(whatever the format on stdout), for systems without journald.  The file is
+created private (0600), reopened when logrotate or an administrator renamed
+it away, and on demand with ``reopen_log_file()`` (SIGHUP).
+
 Redaction here is a safety net only: the code never puts a password, a PASS
 or AUTH argument or a token into an event in the first place.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import logging.handlers
 import os
 import sys
 from collections.abc import MutableMapping
+from pathlib import Path
 from typing import Any, Literal, TextIO
 
 import structlog
+
+from gpopd.errors import ConfigError
 
 LogFormat = Literal["json", "console", "logfmt"]
 
@@ -77,6 +87,111 @@ def stdout_is_journal(stream: TextIO = sys.stdout) -> bool:
     return (st.st_dev, st.st_ino) == (dev, inode)
 
 
+def _open_private_append(path: str) -> int:
+    """Open ``path`` for appending, creating it 0600 whatever the umask."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
+    while True:
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            try:
+                # An existing file keeps the mode its owner gave it.
+                return os.open(path, flags)
+            except FileNotFoundError:
+                continue  # renamed away between the two calls: create it after all
+        try:
+            # O_CREAT's mode went through the umask, which may have removed
+            # the owner's write bit (umask 0277) or nothing at all.
+            os.fchmod(fd, 0o600)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+
+
+class _PrivateLogFile(logging.handlers.WatchedFileHandler):
+    """A WatchedFileHandler whose file is created 0600 and can be reopened on demand.
+
+    The standard handler lets an error from reopening the file escape from
+    the logging call itself; here a file that cannot be opened costs its
+    lines (stdout still has them), is reported once on stderr, and is tried
+    again at each line.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._failing = False
+        super().__init__(path, mode="a", encoding="utf-8", errors="backslashreplace")
+
+    def _open(self) -> io.TextIOWrapper:
+        fd = _open_private_append(self.baseFilename)
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
+
+    def _reopen(self, *, force: bool) -> None:
+        if force and self.stream is not None:
+            self.stream.flush()
+            self.stream.close()
+            self.stream = None  # _open() may fail
+        if self.stream is not None:
+            self.reopenIfNeeded()
+        if self.stream is None:
+            self.stream = self._open()
+            self._statstream()
+        self._failing = False
+
+    def _report(self, exc: OSError) -> None:
+        if not self._failing:
+            self._failing = True
+            print(
+                f"gpopd: cannot write the log file {self.baseFilename}: {exc.strerror or exc};"
+                " retrying at each line",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._reopen(force=False)
+        except OSError as exc:
+            self._report(exc)
+            return
+        logging.StreamHandler.emit(self, record)
+
+    def reopen(self) -> None:
+        self.acquire()
+        try:
+            self._reopen(force=True)
+        except OSError as exc:
+            self._report(exc)
+            raise
+        finally:
+            self.release()
+
+
+# Handlers installed by configure(), closed when it runs again.
+_installed: list[logging.Handler] = []
+_log_file: _PrivateLogFile | None = None
+
+
+def reopen_log_file() -> bool:
+    """Close and reopen the log file (after rotation); a no-op without one.
+
+    Call it from the event loop (``loop.add_signal_handler``), not from a
+    ``signal.signal`` handler, which could run while a line is half written.
+    A file that cannot be opened is reported on the other handlers and
+    retried at each later line; returns False then, else True.
+    """
+    if _log_file is None:
+        return True
+    try:
+        _log_file.reopen()
+    except OSError as exc:
+        logging.getLogger("gpopd.logs").error(
+            "cannot reopen the log file %s: %s", _log_file.baseFilename, exc.strerror or exc
+        )
+        return False
+    return True
+
+
 def choose_format(requested: LogFormat | None, stream: TextIO = sys.stdout) -> LogFormat:
     if requested is not None:
         return requested
@@ -91,8 +206,23 @@ def configure(
     fmt: LogFormat | None = None,
     level: str = "info",
     stream: TextIO | None = None,
+    log_file: Path | None = None,
 ) -> None:
-    """Configure structlog and the standard library's logging once, at start-up."""
+    """Configure structlog and the standard library's logging once, at start-up.
+
+    ``fmt`` applies to ``stream`` (stdout by default); ``log_file``, when
+    given, receives the same lines as JSON always, whatever ``fmt`` is.  A
+    log file that cannot be opened raises ``ConfigError`` before anything
+    else changes.
+    """
+    global _log_file  # noqa: PLW0603  # logging is process-wide by nature
+    file_handler = None
+    if log_file is not None:
+        try:
+            file_handler = _PrivateLogFile(Path(log_file))
+        except OSError as exc:
+            raise ConfigError(f"log_file {log_file}: {exc.strerror or exc}") from exc
+
     out = stream if stream is not None else sys.stdout
     chosen = choose_format(fmt, out)
     journal = stdout_is_journal(out)
@@ -109,7 +239,10 @@ def configure(
         renderer = structlog.dev.ConsoleRenderer(colors=out.isatty() and not journal)
     elif chosen == "logfmt":
         renderer = structlog.processors.LogfmtRenderer(
-            key_order=["timestamp", "level", "event", "account"], drop_missing=True
+            key_order=["timestamp", "level", "event", "account"],
+            drop_missing=True,
+            # "key=true", not a bare "key": every field parses as key=value.
+            bool_as_flag=False,
         )
     else:
         renderer = structlog.processors.JSONRenderer()
@@ -126,10 +259,31 @@ def configure(
     )
     handler = logging.StreamHandler(out)
     handler.setFormatter(formatter)
+    handlers: list[logging.Handler] = [handler]
+    if file_handler is not None:
+        # Each formatter works on its own copy of the event, so the two
+        # renderings do not see each other's changes.
+        file_handler.setFormatter(
+            structlog.stdlib.ProcessorFormatter(
+                foreign_pre_chain=shared,
+                processors=[
+                    structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.dict_tracebacks,
+                    structlog.processors.JSONRenderer(),
+                ],
+            )
+        )
+        handlers.append(file_handler)
+
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
-    root.addHandler(handler)
+    for old in _installed:
+        old.close()
+    _installed[:] = handlers
+    _log_file = file_handler
+    for new in handlers:
+        root.addHandler(new)
     root.setLevel(numeric_level)
 
     structlog.configure(

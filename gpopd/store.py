@@ -5,6 +5,13 @@ on disk, also across a power loss.  The rule the rest of gpopd builds on
 is that a UID is recorded as delivered only after its delivery is
 durable, and DELE'd only after that record is committed.
 
+Rows in ``skipped`` are messages left on the server on purpose (too
+large, refused by the destination for good...): fetch does not try them
+again at every poll, only once their ``retry_after`` has passed, or after
+``gpopd retry`` cleared them.  The ``daemon`` and ``schedule`` tables exist
+for ``gpopd status``, which reads them from another process while the
+daemon writes (WAL lets readers and one writer work side by side).
+
 Rows in ``pending`` are written before a message is delivered and
 removed in the same transaction that records it delivered; rows still
 there at the next poll belong to a poll that died, and the destination
@@ -90,8 +97,41 @@ def _schema_1(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX poll_by_account ON poll (account, id)")
 
 
+def _schema_2(db: sqlite3.Connection) -> None:
+    # At most one row: the daemon that uses this state directory now.
+    db.execute(
+        """CREATE TABLE daemon (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            pid INTEGER NOT NULL,
+            started_at REAL NOT NULL,
+            version TEXT NOT NULL,
+            heartbeat_at REAL NOT NULL
+        )"""
+    )
+    db.execute(
+        """CREATE TABLE schedule (
+            account TEXT PRIMARY KEY REFERENCES account(name),
+            next_poll_at REAL,
+            interval REAL,
+            consecutive_failures INTEGER NOT NULL DEFAULT 0,
+            updated_at REAL NOT NULL
+        ) WITHOUT ROWID"""
+    )
+    db.execute(
+        """CREATE TABLE skipped (
+            account TEXT NOT NULL REFERENCES account(name),
+            uid TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            size INTEGER,
+            first_at REAL NOT NULL,
+            retry_after REAL,
+            PRIMARY KEY (account, uid)
+        ) WITHOUT ROWID"""
+    )
+
+
 # MIGRATIONS[n] takes a database from user_version n to n + 1.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_1,)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_1, _schema_2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -117,29 +157,50 @@ def _create_private_file(path: Path) -> int:
 
 
 class Store:
-    """The state database in ``state_dir/gpopd.db``."""
+    """The state database in ``state_dir/gpopd.db``.
 
-    def __init__(self, state_dir: Path) -> None:
+    ``readonly=True`` is for looking at the state of another process
+    (``gpopd status``): it never creates the directory or the database (a
+    mistyped path or the wrong user must not leave a root-owned database
+    behind for the daemon), never migrates, and refuses every write.
+    """
+
+    def __init__(self, state_dir: Path, *, readonly: bool = False) -> None:
         self.state_dir = Path(state_dir)
         self.path = self.state_dir / DB_NAME
+        self.readonly = readonly
         self._lock = threading.RLock()
+        if readonly:
+            if not self.path.is_file():
+                raise StoreError(f"no state database at {self.path} (gpopd has not run yet?)")
+        else:
+            try:
+                _make_private_dir(self.state_dir)
+                # SQLite gives its -wal and -shm files the database file's mode,
+                # so creating that one 0600 first keeps all three private.
+                os.close(_create_private_file(self.path))
+            except OSError as exc:
+                raise StoreError(f"cannot create the state database {self.path}: {exc}") from exc
         try:
-            _make_private_dir(self.state_dir)
-            # SQLite gives its -wal and -shm files the database file's mode,
-            # so creating that one 0600 first keeps all three private.
-            os.close(_create_private_file(self.path))
-        except OSError as exc:
-            raise StoreError(f"cannot create the state database {self.path}: {exc}") from exc
-        try:
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            if readonly:
+                uri = f"file:{urllib.parse.quote(str(self.path))}?mode=ro"
+                self._db = sqlite3.connect(
+                    uri, uri=True, isolation_level=None, check_same_thread=False
+                )
+            else:
+                self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the state database {self.path}: {exc}") from exc
         try:
+            # Set first: every later statement may meet the daemon's write lock.
             self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = FULL")
-            self._db.execute("PRAGMA foreign_keys = ON")
-            self._migrate()
+            if readonly:
+                self._check_readable()
+            else:
+                self._db.execute("PRAGMA journal_mode = WAL")
+                self._db.execute("PRAGMA synchronous = FULL")
+                self._db.execute("PRAGMA foreign_keys = ON")
+                self._migrate()
         except sqlite3.Error as exc:
             self._db.close()
             raise StoreError(f"cannot open the state database {self.path}: {exc}") from exc
@@ -190,6 +251,15 @@ class Store:
         )
         return None if row is None else float(row[0])
 
+    def delivered_times(self, account: str) -> dict[str, float]:
+        """Return UID -> delivery time (epoch seconds) of ``account`` (for ``delete_after``)."""
+        rows = self._query("SELECT uid, delivered_at FROM delivered WHERE account = ?", (account,))
+        return {str(uid): float(at) for uid, at in rows}
+
+    def delivered_count(self, account: str) -> int:
+        row = self._query_one("SELECT count(*) FROM delivered WHERE account = ?", (account,))
+        return int(row[0]) if row else 0
+
     def mark_delivered(
         self,
         account: str,
@@ -216,6 +286,11 @@ class Store:
             db.executemany(
                 "DELETE FROM pending WHERE account = ? AND key = ?",
                 [(account, key) for _, key, _ in rows],
+            )
+            # A message skipped earlier and delivered now is no longer skipped.
+            db.executemany(
+                "DELETE FROM skipped WHERE account = ? AND uid = ?",
+                [(account, uid) for uid, _, _ in rows],
             )
 
     def forget(self, account: str, uids: Iterable[str]) -> None:
@@ -307,18 +382,159 @@ class Store:
         )
         return [dict(zip(_POLL_COLUMNS, row, strict=True)) for row in rows]
 
+    def polls_since(self, account: str, since: float) -> dict[str, Any]:
+        """Count the polls of ``account`` that started at or after ``since``.
+
+        Returns ``polls``, ``ok``, ``failed`` (finished with any outcome but
+        ``ok`` or ``cancelled``), ``delivered`` and ``bytes``, and
+        ``truncated``: True when pruning (POLL_HISTORY_KEEP) may have removed
+        polls after ``since``, so that the counts are a lower bound.
+        """
+        row = self._query_one(
+            "SELECT count(*), count(*) FILTER (WHERE outcome = 'ok'),"
+            " count(*) FILTER (WHERE outcome NOT IN ('ok', 'cancelled')),"
+            " coalesce(sum(delivered), 0), coalesce(sum(bytes), 0)"
+            " FROM poll WHERE account = ? AND started_at >= ?",
+            (account, since),
+        )
+        polls, ok, failed, delivered, size = row if row else (0, 0, 0, 0, 0)
+        oldest = self._query_one(
+            "SELECT count(*), min(started_at) FROM poll WHERE account = ?", (account,)
+        )
+        kept, first = oldest if oldest else (0, None)
+        truncated = kept >= POLL_HISTORY_KEEP and first is not None and first > since
+        return {
+            "polls": int(polls),
+            "ok": int(ok),
+            "failed": int(failed),
+            "delivered": int(delivered),
+            "bytes": int(size),
+            "truncated": bool(truncated),
+        }
+
+    # -- the running daemon and its schedule --------------------------------
+
+    def daemon_started(self, pid: int, started_at: float, version: str) -> None:
+        """Record the daemon now using this state directory (replacing any older record)."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO daemon (id, pid, started_at, version, heartbeat_at)"
+                " VALUES (1, ?, ?, ?, ?)",
+                (pid, started_at, version, started_at),
+            )
+
+    def daemon_heartbeat(self, at: float) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE daemon SET heartbeat_at = ? WHERE id = 1", (at,))
+
+    def daemon_stopped(self, pid: int | None = None) -> None:
+        """Forget the daemon record; with ``pid``, only if it is still that daemon's."""
+        with self._transaction() as db:
+            if pid is None:
+                db.execute("DELETE FROM daemon")
+            else:
+                db.execute("DELETE FROM daemon WHERE pid = ?", (pid,))
+
+    def daemon_info(self) -> dict[str, Any] | None:
+        """Return ``pid``, ``started_at``, ``version``, ``heartbeat_at``, or None."""
+        row = self._query_one("SELECT pid, started_at, version, heartbeat_at FROM daemon")
+        if row is None:
+            return None
+        return dict(zip(("pid", "started_at", "version", "heartbeat_at"), row, strict=True))
+
+    def set_schedule(
+        self,
+        account: str,
+        next_poll_at: float | None,
+        interval: float | None,
+        consecutive_failures: int,
+    ) -> None:
+        with self._transaction() as db:
+            self._ensure_account(db, account)
+            db.execute(
+                "INSERT OR REPLACE INTO schedule (account, next_poll_at, interval,"
+                " consecutive_failures, updated_at) VALUES (?, ?, ?, ?, ?)",
+                (account, next_poll_at, interval, consecutive_failures, time.time()),
+            )
+
+    def schedules(self) -> dict[str, dict[str, Any]]:
+        """Return account -> ``next_poll_at``, ``interval``, ``consecutive_failures``,
+        ``updated_at``."""
+        rows = self._query(
+            "SELECT account, next_poll_at, interval, consecutive_failures, updated_at"
+            " FROM schedule ORDER BY account"
+        )
+        keys = ("next_poll_at", "interval", "consecutive_failures", "updated_at")
+        return {str(row[0]): dict(zip(keys, row[1:], strict=True)) for row in rows}
+
+    # -- messages left on the server on purpose ------------------------------
+
+    def mark_skipped(
+        self, account: str, items: Iterable[tuple[str, str, int | None, float | None]]
+    ) -> None:
+        """Record ``(uid, reason, size, retry_after)`` items; a UID keeps its ``first_at``.
+
+        ``retry_after`` None means "until cleared" (``gpopd retry``).
+        """
+        rows = list(items)
+        if not rows:
+            return
+        now = time.time()
+        with self._transaction() as db:
+            self._ensure_account(db, account)
+            db.executemany(
+                "INSERT INTO skipped (account, uid, reason, size, first_at, retry_after)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (account, uid) DO UPDATE SET"
+                " reason = excluded.reason, size = excluded.size,"
+                " retry_after = excluded.retry_after",
+                [(account, uid, reason, size, now, retry) for uid, reason, size, retry in rows],
+            )
+
+    def skipped_uids(self, account: str, now: float) -> dict[str, str]:
+        """Return UID -> reason for the skipped messages not yet due for another try."""
+        rows = self._query(
+            "SELECT uid, reason FROM skipped WHERE account = ?"
+            " AND (retry_after IS NULL OR retry_after > ?)",
+            (account, now),
+        )
+        return {str(uid): str(reason) for uid, reason in rows}
+
+    def clear_skipped(self, account: str, uids: Iterable[str] | None = None) -> None:
+        """Forget skipped messages of ``account``: the given UIDs, or all of them."""
+        with self._transaction() as db:
+            if uids is None:
+                db.execute("DELETE FROM skipped WHERE account = ?", (account,))
+            else:
+                db.executemany(
+                    "DELETE FROM skipped WHERE account = ? AND uid = ?",
+                    [(account, uid) for uid in uids],
+                )
+
+    # -- accounts -----------------------------------------------------------
+
     def accounts(self) -> list[str]:
         return [name for (name,) in self._query("SELECT name FROM account ORDER BY name")]
 
     # -- internals --------------------------------------------------------
 
-    def _migrate(self) -> None:
+    def _check_version(self) -> int:
         version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
         if version > SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path} has schema version {version}, newer than this gpopd"
                 f" understands ({SCHEMA_VERSION}); upgrade gpopd or restore a backup"
             )
+        return version
+
+    def _check_readable(self) -> None:
+        if self._check_version() < SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} has an older schema version; it is upgraded the next time"
+                " gpopd polls or starts (gpopd poll, gpopd run)"
+            )
+
+    def _migrate(self) -> None:
+        version = self._check_version()
         for step in range(version, SCHEMA_VERSION):
             with self._transaction() as db:
                 MIGRATIONS[step](db)
@@ -328,6 +544,8 @@ class Store:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
+        if self.readonly:
+            raise StoreError(f"{self.path} is open read-only")
         with self._lock:
             db = self._db
             try:
