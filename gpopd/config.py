@@ -17,7 +17,6 @@ import json
 import math
 import os
 import re
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -399,7 +398,8 @@ def _inherit_defaults(data: Any) -> Any:
         data.pop("defaults", None)
         defaults = {}
     elif isinstance(defaults, AccountDefaults):
-        defaults = defaults.model_dump(exclude_unset=True)
+        # Set fields as they are: dumping would flatten secret sources.
+        defaults = {k: getattr(defaults, k) for k in defaults.model_fields_set}
     accounts = data.get("accounts")
     if "accounts" in data and accounts is None:  # an empty "accounts:" section
         data["accounts"] = {}
@@ -620,12 +620,12 @@ class YamlConfigSource(PydanticBaseSettingsSource):
 
     def _compose(self, text: str) -> Node | None:
         yaml = YAML(typ="rt", pure=True)
+        # Reused anchors are legal YAML (the latest one counts); ruamel would
+        # warn, and warnings filters are process-wide, so switch it off here.
+        yaml.composer.warn_double_anchors = False
         try:
-            with warnings.catch_warnings():
-                # Reused anchors are legal YAML 1.2; nothing else warns on reading.
-                warnings.simplefilter("ignore")
-                node: Node | None = yaml.compose(text)
-                return node
+            node: Node | None = yaml.compose(text)
+            return node
         except MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             where = f"{self.path}:{_pos(mark)[0]}:{_pos(mark)[1]}" if mark else str(self.path)
@@ -755,7 +755,13 @@ class YamlConfigSource(PydanticBaseSettingsSource):
             if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
                 loc.append(str(ctx.get("discriminator", "type")).strip("'"))
                 expected = ctx.get("expected_tags")
-                message = f"Input should be {expected}" if expected else "Field required"
+                if isinstance(expected, str):
+                    head, _, tail = expected.rpartition(", ")
+                    message = (
+                        f"Input should be {head} or {tail}" if head else f"Input should be {tail}"
+                    )
+                else:
+                    message = "Field required"
             if not loc and error["type"] == "model_type":
                 message = "the file must be a mapping of settings (key: value lines)"
             if isinstance(ctx.get("gpopd_key"), str):
@@ -921,7 +927,7 @@ def load_config(
     context = SecretContext(
         environ=environ,
         resolve=resolve_secrets,
-        inline_allowed=mode & 0o044 == 0,
+        inline_allowed=(mode & 0o044) == 0,
         config_file=path,
     )
     settings: Settings | None = None

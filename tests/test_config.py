@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
+from ruamel.yaml import YAML
 
 from gpopd.config import (
     DEFAULT_CONFIG_PATH,
@@ -273,7 +275,7 @@ def test_delivery_type_missing_or_unknown(tmp_path: Path) -> None:
     path = write(tmp_path, BASE.replace("type: maildir", "type: pigeon"))
     assert problems(path) == [
         f"{path}:7:13: accounts.alice.delivery.type: "
-        "Input should be 'maildir', 'mbox', 'mda', 'smtp', 'lmtp'"
+        "Input should be 'maildir', 'mbox', 'mda', 'smtp' or 'lmtp'"
     ]
 
 
@@ -362,6 +364,19 @@ def test_example_config_loads() -> None:
     assert settings.accounts["office"].poll_interval == 300.0
 
 
+def test_example_commented_deliveries_are_valid() -> None:
+    """Each commented-out delivery in the example is a valid delivery of its type."""
+    text = EXAMPLE.read_text()
+    blocks = re.findall(r"    # delivery:\n((?:    #   .*\n)+)", text)
+    kinds = set()
+    for block in blocks:
+        body = "\n".join(line[8:] for line in block.splitlines())
+        delivery = YAML(typ="safe", pure=True).load(body)
+        account = {"host": "h", "username": "u", "password": "x", "delivery": delivery}
+        kinds.add(Settings(accounts={"a": account}).accounts["a"].delivery.type)
+    assert kinds == {"mbox", "mda", "smtp", "lmtp"}
+
+
 def test_config_path_precedence() -> None:
     """--config wins over $GPOPD_CONFIG, which wins over the default."""
     env = {"GPOPD_CONFIG": "/srv/env.yaml"}
@@ -424,3 +439,12 @@ def test_parse_size_refuses(text: object) -> None:
     """Malformed or non-positive sizes are refused."""
     with pytest.raises(ValueError, match=r"size|byte"):
         parse_size(text)
+
+
+def test_reused_anchor_takes_the_latest(tmp_path: Path) -> None:
+    """A reused anchor name is legal YAML: an alias refers to the latest definition."""
+    head = "state_dir: &p /srv/old\nlog_file: &p /srv/new\n"
+    text = head + BASE.replace("path: /srv/mail/alice", "path: *p")
+    settings = load_config(write(tmp_path, text), environ=ENV)
+    assert settings.state_dir == Path("/srv/old")
+    assert settings.accounts["alice"].delivery.path == Path("/srv/new")

@@ -103,6 +103,15 @@ def test_any_text_gives_settings_or_config_error(config_file: Path, text: str) -
 
 
 @FUZZ
+@given(text=st.text(alphabet="ab0:{}[]-&*!|>'\"#\n \t?%@`,.~<=\\", max_size=80))
+def test_yaml_punctuation_gives_settings_or_config_error(config_file: Path, text: str) -> None:
+    """Text made of YAML's special characters only ever yields Settings or ConfigError."""
+    config_file.write_text(text)
+    config_file.chmod(0o600)
+    assert_sane(load_outcome(config_file, {}))
+
+
+@FUZZ
 @given(data=DOCUMENT, mode=st.sampled_from([0o600, 0o644]))
 def test_any_structure_gives_settings_or_config_error(
     config_file: Path, data: dict[str, Any], mode: int
