@@ -11,18 +11,30 @@ import asyncio
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
 import structlog
 
-from gpopd import __version__, logs
-from gpopd.config import Settings, config_path, load_config
+from gpopd import __version__, logs, pop3, status
+from gpopd.config import Account, Settings, config_path, load_config
 from gpopd.daemon import Daemon
 from gpopd.demo import run_demo
-from gpopd.errors import EX_CONFIG, EX_OK, EX_SOFTWARE, EX_TEMPFAIL, EX_USAGE, ConfigError
+from gpopd.errors import (
+    EX_CONFIG,
+    EX_OK,
+    EX_SOFTWARE,
+    EX_TEMPFAIL,
+    EX_USAGE,
+    ConfigError,
+    GpopdError,
+    StoreError,
+)
 from gpopd.fetch import PollResult, poll_once, protocol_tracer
+from gpopd.serverinfo import render as render_server_info
+from gpopd.serverinfo import server_info
+from gpopd.store import Store
 
 log = structlog.get_logger("gpopd")
 
@@ -41,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    common.add_argument(
+        "--log-file",
+        metavar="FILE",
+        help="also append JSON log lines to FILE (default: log_file from the configuration)",
     )
     common.add_argument(
         "--trace",
@@ -73,6 +90,31 @@ def _parser() -> argparse.ArgumentParser:
         description="Poll every account (or the ones named) once, all at the same time.",
     )
     poll.add_argument("accounts", nargs="*", metavar="ACCOUNT")
+
+    status = commands.add_parser(
+        "status",
+        parents=[common],
+        help="show each account's last poll, outcome, error and next poll",
+        description="Read the state database (also while the daemon runs) and show every account.",
+    )
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("accounts", nargs="*", metavar="ACCOUNT")
+
+    serverinfo = commands.add_parser(
+        "serverinfo",
+        parents=[common],
+        help="connect and log in; show greeting, TLS, CAPA, message count; change nothing",
+        description="Connect and authenticate like a poll, show what the server offers, QUIT.",
+    )
+    serverinfo.add_argument("account", metavar="ACCOUNT")
+
+    retry = commands.add_parser(
+        "retry",
+        parents=[common],
+        help="retry messages left on the server on purpose (too large, failed permanently)",
+        description="Forget which messages of ACCOUNT were set aside, so the next poll tries them.",
+    )
+    retry.add_argument("account", metavar="ACCOUNT")
 
     commands.add_parser(
         "check-config",
@@ -113,11 +155,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_run(args)
         if args.command == "check-config":
             return _cmd_check_config(args)
+        if args.command == "status":
+            return _cmd_status(args)
+        if args.command == "serverinfo":
+            return _cmd_serverinfo(args)
+        if args.command == "retry":
+            return _cmd_retry(args)
         if args.command == "demo":
             return run_demo(Path(args.directory), args.messages, trace=args.trace)
     except ConfigError as exc:
         print_config_error(exc)
         return EX_CONFIG
+    except StoreError as exc:
+        print(f"gpopd: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
     except KeyboardInterrupt:
         return EX_TEMPFAIL
     parser.error(f"unknown command {args.command}")
@@ -131,7 +182,71 @@ def print_config_error(exc: ConfigError) -> None:
 
 
 def _load(args: argparse.Namespace) -> Settings:
-    return load_config(config_path(args.config, os.environ), environ=os.environ)
+    settings = load_config(config_path(args.config, os.environ), environ=os.environ)
+    _logs_for(args)(settings)
+    return settings
+
+
+def _logs_for(args: argparse.Namespace) -> Callable[[Settings], None]:
+    """Reconfigure logging once the configuration (and its log_file) is known."""
+
+    def configure(settings: Settings) -> None:
+        log_file = Path(args.log_file) if args.log_file else settings.log_file
+        if log_file is not None:
+            logs.configure(fmt=args.log_format, level=args.log_level, log_file=log_file)
+
+    return configure
+
+
+def _account(settings: Settings, name: str) -> Account:
+    if name not in settings.accounts:
+        raise ConfigError(f"no account named {name!r} in the configuration")
+    return settings.accounts[name]
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    names = list(args.accounts or settings.accounts)
+    for name in names:
+        _account(settings, name)
+    now = time.time()
+    try:
+        with Store(settings.state_dir, readonly=True) as store:
+            daemon = status.daemon_status(store, now)
+            accounts = status.collect(store, now, names)
+    except StoreError:
+        # No state database yet: nothing was ever polled.
+        daemon = status.DaemonStatus(status.DaemonState.NOT_RUNNING)
+        accounts = [status.AccountStatus(name) for name in names]
+    text = (
+        status.render_json(daemon, accounts)
+        if args.json
+        else status.render_text(daemon, accounts, now)
+    )
+    print(text, end="" if text.endswith("\n") else "\n")
+    return EX_OK
+
+
+def _cmd_serverinfo(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    account = _account(settings, args.account)
+    tracer = protocol_tracer() if args.trace else None
+    try:
+        info = asyncio.run(server_info(account, tracer, state_dir=settings.state_dir))
+    except (GpopdError, pop3.ProtocolError, OSError) as exc:
+        print(f"gpopd: {args.account}: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
+    print(render_server_info(info), end="")
+    return EX_OK
+
+
+def _cmd_retry(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    _account(settings, args.account)
+    with Store(settings.state_dir) as store:
+        store.clear_skipped(args.account)
+    print(f"{args.account}: messages set aside will be tried again at the next poll")
+    return EX_OK
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
@@ -145,6 +260,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config_path(args.config, os.environ),
         os.environ,
         trace=protocol_tracer() if args.trace else None,
+        configure_logs=_logs_for(args),
     )
     return asyncio.run(daemon.run())
 

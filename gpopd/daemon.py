@@ -23,7 +23,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Collection, Coroutine, Mapping
 from pathlib import Path
 
 import structlog
@@ -37,6 +37,7 @@ from gpopd.errors import (
     ConfigError,
     MailboxBusyError,
     ServerError,
+    StoreError,
     TlsError,
     TransportError,
 )
@@ -49,6 +50,9 @@ from gpopd.store import Store
 # Must stay below the unit's TimeoutStopSec (30 s) so systemd never has to
 # SIGKILL a clean shutdown.
 STOP_GRACE = 20.0
+# How often the daemon tells the state database it is alive (gpopd status
+# calls a daemon silent for much longer "not responding").
+HEARTBEAT_INTERVAL = 30.0
 
 log = structlog.get_logger("gpopd.daemon")
 
@@ -85,12 +89,14 @@ class Daemon:
         notifier: Notifier | None = None,
         trace: TraceHook | None = None,
         once: bool = False,
+        configure_logs: Callable[[Settings], None] | None = None,
     ) -> None:
         self.config_path = config_path
         self.environ = environ
         self.notifier = notifier if notifier is not None else Notifier(environ)
         self.trace = trace
         self.once = once
+        self.configure_logs = configure_logs
         self.settings: Settings | None = None
         self.results: dict[str, PollResult] = {}
         self._db: StoreWorker | None = None
@@ -104,8 +110,11 @@ class Daemon:
     async def run(self) -> int:
         """Run until a stop signal (or, with ``once``, one poll of every account)."""
         settings = await asyncio.to_thread(load_config, self.config_path, environ=self.environ)
+        if self.configure_logs is not None:
+            self.configure_logs(settings)
         self.settings = settings
         self._db = StoreWorker(Store(settings.state_dir))
+        await self._db.call(self._db.store.daemon_started, os.getpid(), time.time(), __version__)
         scheduler = Scheduler(
             self._poll,
             max_sessions=settings.max_sessions,
@@ -127,6 +136,7 @@ class Daemon:
             )
             if self.notifier.watchdog_interval:
                 self._spawn(self._watchdog(self.notifier.watchdog_interval))
+            self._spawn(self._heartbeat())
             await self._stop.wait()
             self.notifier.stopping()
             log.info("stopping", grace_seconds=STOP_GRACE)
@@ -138,6 +148,8 @@ class Daemon:
             self._remove_signals(loop)
             for task in list(self._tasks):
                 task.cancel()
+            with contextlib.suppress(StoreError):
+                await self._db.call(self._db.store.daemon_stopped, os.getpid())
             await self._db.close()
         log.info("gpopd stopped")
         return EX_OK
@@ -155,6 +167,8 @@ class Daemon:
             return PollReport(Outcome.OK)
         result = await poll_account(account, db, settings.state_dir, trace=self.trace)
         self.results[name] = result
+        # The scheduler decides the next turn right after this returns.
+        asyncio.get_running_loop().call_soon(self._spawn, self._save_schedule([name]))
         self.notifier.status(self._status_line())
         if self.once and set(self.results) >= set(settings.accounts):
             self._stop.set()
@@ -169,6 +183,34 @@ class Daemon:
             f"{total} account(s); {len(self.results)} polled, {failing} failing; "
             f"last polls delivered {delivered} message(s)"
         )
+
+    async def _save_schedule(self, names: Collection[str]) -> None:
+        scheduler, db = self._scheduler, self._db
+        if scheduler is None or db is None:
+            return
+        now_wall, now_mono = time.time(), time.monotonic()
+        for name in names:
+            state = scheduler.state(name)
+            if state is None:
+                continue
+            due = None if state.next_due is None else now_wall + (state.next_due - now_mono)
+            try:
+                await db.call(
+                    db.store.set_schedule, name, due, state.interval, state.consecutive_failures
+                )
+            except StoreError as exc:
+                log.warning("could not record the schedule", account=name, error=str(exc))
+
+    async def _heartbeat(self) -> None:
+        while True:
+            db = self._db
+            if db is not None and self.settings is not None:
+                try:
+                    await db.call(db.store.daemon_heartbeat, time.time())
+                except StoreError as exc:
+                    log.warning("could not record the heartbeat", error=str(exc))
+                await self._save_schedule(list(self.settings.accounts))
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
 
     async def _watchdog(self, interval: float) -> None:
         # Runs on the event loop: a blocked loop stops the pings, and so does
@@ -226,6 +268,8 @@ class Daemon:
             )
             self.notifier.ready(self._status_line())
             return False
+        if self.configure_logs is not None:
+            self.configure_logs(settings)
         old = self.settings
         if old is not None and settings.state_dir != old.state_dir:
             log.warning("state_dir changes take effect at the next restart")

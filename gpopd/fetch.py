@@ -25,7 +25,7 @@ import functools
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -111,18 +111,42 @@ class _Plan:
     fetch: list[_Planned] = field(default_factory=list)
     delete_known: list[int] = field(default_factory=list)
     skipped: int = 0
+    set_aside: int = 0
     oversized: list[_Planned] = field(default_factory=list)
     duplicates: int = 0
 
 
-def plan_poll(account: Account, mailbox: Mailbox, delivered: Collection[str]) -> _Plan:
+TOO_LARGE = "too large"
+
+
+def plan_poll(
+    account: Account,
+    mailbox: Mailbox,
+    delivered: Collection[str],
+    *,
+    set_aside: Mapping[str, str] | None = None,
+    delivered_at: Mapping[str, float] | None = None,
+    now: float = 0.0,
+) -> _Plan:
     """Decide which messages to fetch and which known ones to delete.
 
     UIDs should be unique but may be hashes of the content, so two identical
     messages can share one; the n-th occurrence within a listing is tracked as
     ``"<uid> <n>"`` (a space cannot occur in a UID), so each is fetched once.
+
+    ``set_aside`` (UID -> reason) are messages left on the server on purpose
+    and reported before: they are counted, not fetched or reported again,
+    except a message set aside as too large that the current
+    ``max_message_size`` admits.  ``delivered_at`` (UID -> time) with
+    ``delete_after`` selects known messages old enough to delete.
     """
     plan = _Plan()
+    set_aside = set_aside or {}
+    expiry = (
+        now - account.delete_after
+        if account.keep and account.delete_after is not None and delivered_at is not None
+        else None
+    )
     seen: Counter[str] = Counter()
     limit = account.max_messages_per_poll
     for number, raw_uid in mailbox.uids:
@@ -132,10 +156,17 @@ def plan_poll(account: Account, mailbox: Mailbox, delivered: Collection[str]) ->
             plan.duplicates += 1
         if uid in delivered:
             plan.skipped += 1
-            if not account.keep:
+            expired = expiry is not None and (delivered_at or {}).get(uid, now) <= expiry
+            if not account.keep or expired:
                 plan.delete_known.append(number)
             continue
         item = _Planned(number, uid, message_key(account.name, uid), mailbox.sizes[number])
+        reason = set_aside.get(uid)
+        if reason is not None and not (
+            reason == TOO_LARGE and item.size <= account.max_message_size
+        ):
+            plan.set_aside += 1
+            continue
         if item.size > account.max_message_size:
             plan.oversized.append(item)
             continue
@@ -338,15 +369,29 @@ async def _poll(
     await destination.prepare(account.name)
     result.recovered = await _recover(account, destination, db)
     delivered = await db.call(db.store.delivered_uids, account.name)
+    now = time.time()
+    set_aside = await db.call(db.store.skipped_uids, account.name, now)
+    delivered_at = (
+        await db.call(db.store.delivered_times, account.name)
+        if account.keep and account.delete_after is not None
+        else None
+    )
     session = await open_session(account, trace)
     result.login_delay = login_delay(session.capabilities)
     transport = session.transport
     try:
         mailbox = await session.mailbox()
-        plan = plan_poll(account, mailbox, delivered)
+        plan = plan_poll(
+            account,
+            mailbox,
+            delivered,
+            set_aside=set_aside,
+            delivered_at=delivered_at,
+            now=now,
+        )
         result.listed = mailbox.count
         result.new = len(plan.fetch)
-        result.skipped = plan.skipped
+        result.skipped = plan.skipped + plan.set_aside
         result.oversized = len(plan.oversized)
         if plan.duplicates:
             log.warning("server lists duplicate UIDs", duplicates=plan.duplicates)
@@ -356,6 +401,13 @@ async def _poll(
                 uid=item.uid,
                 size=item.size,
                 max_message_size=account.max_message_size,
+                hint="reported once; raise max_message_size or run `gpopd retry` to fetch it",
+            )
+        if plan.oversized:
+            await db.call(
+                db.store.mark_skipped,
+                account.name,
+                [(item.uid, TOO_LARGE, item.size, None) for item in plan.oversized],
             )
         if plan.fetch:
             await db.call(db.store.add_pending, account.name, [(i.uid, i.key) for i in plan.fetch])
@@ -365,8 +417,8 @@ async def _poll(
             # Read but not delivered: never QUIT (see the module docstring).
             transport.abort()
             return
-        if not account.keep:
-            numbers = sorted(plan.delete_known + transfer.delivered_numbers)
+        numbers = sorted(plan.delete_known + ([] if account.keep else transfer.delivered_numbers))
+        if numbers:
             await session.delete(numbers)
             result.deleted = len(numbers)
         await session.quit()
