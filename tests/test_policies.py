@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -30,6 +31,17 @@ def spec(server: FakePop3, tmp_path: Path, **extra: object) -> AccountSpec:
         tls="none",
         keep=True,
         extra={"timeout": "5s", **extra},
+    )
+
+
+async def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "gpopd", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
@@ -69,11 +81,7 @@ async def test_oversized_message_is_reported_once_then_fetched_after_retry(
         assert len(warned) == 1
         assert "RETR 1" not in server.commands
 
-        done = subprocess.run(
-            [sys.executable, "-m", "gpopd", "retry", "alice", "--config",
-             str(tmp_path / "gpopd.yaml")],
-            capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
+        done = await run_cli("retry", "alice", "--config", str(tmp_path / "gpopd.yaml"))
         assert done.returncode == 0, done.stderr
         third = await poll(tmp_path, spec(server, tmp_path, max_message_size=1_000_000))
     assert third.delivered == 1
@@ -103,11 +111,7 @@ async def test_status_shows_the_last_poll(tmp_path: Path) -> None:
     """`gpopd status --json` reports the last poll's outcome and deliveries from the database."""
     async with FakePop3(MESSAGES) as server:
         await poll(tmp_path, spec(server, tmp_path))
-    done = subprocess.run(
-        [sys.executable, "-m", "gpopd", "status", "--json", "--config",
-         str(tmp_path / "gpopd.yaml")],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    done = await run_cli("status", "--json", "--config", str(tmp_path / "gpopd.yaml"))
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     text = json.dumps(report)
