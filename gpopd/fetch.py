@@ -40,8 +40,8 @@ from gpopd.delivery.base import Destination, MessageInfo, Staged, Writer, messag
 from gpopd.errors import (
     DeliveryError,
     GpopdError,
+    PermanentDeliveryError,
     StoreError,
-    TemporaryDeliveryError,
     TransportError,
 )
 from gpopd.session import Mailbox, Session, TraceHook, login_delay
@@ -54,7 +54,7 @@ T = TypeVar("T")
 # (a destination may keep small messages in memory until commit): beyond
 # either the fetch waits for the previous commit rather than stage more.
 MAX_COMMIT_WINDOW = 128
-MAX_COMMIT_BYTES = 8 * 1024 * 1024
+MAX_COMMIT_BYTES = 4 * 1024 * 1024
 
 log = structlog.get_logger("gpopd.fetch")
 
@@ -117,6 +117,10 @@ class _Plan:
 
 
 TOO_LARGE = "too large"
+PERMANENT_FAILURE = "delivery failed permanently"
+# A message a destination refused for good is tried again after this long
+# (or at once after `gpopd retry`), never at every poll.
+PERMANENT_RETRY_AFTER = 86400.0
 
 
 def plan_poll(
@@ -219,6 +223,8 @@ class _Transfer:
         self.db = db
         self.result = result
         self.delivered_numbers: list[int] = []
+        # (uid, reason, size) of messages refused for good: not retried every poll.
+        self.set_aside: list[tuple[str, str, int]] = []
         # Messages read from the server and not (yet) durably delivered.
         self.unsettled = 0
         self._batch: list[tuple[_Planned, Staged, float]] = []
@@ -284,12 +290,16 @@ class _Transfer:
         if writer is not None:
             writer.abort()
         self.result.failed += 1
+        permanent = isinstance(exc, PermanentDeliveryError)
+        if permanent and item is not None:
+            self.set_aside.append((item.uid, f"{PERMANENT_FAILURE}: {exc}"[:500], item.size))
         log.warning(
             "delivery failed",
             uid=item.uid if item else None,
             destination=self.destination.name,
             error=str(exc),
-            temporary=isinstance(exc, TemporaryDeliveryError),
+            permanent=permanent,
+            next_try="in a day, or after `gpopd retry`" if permanent else "next poll",
         )
 
     async def _maybe_commit(self) -> None:
@@ -319,6 +329,13 @@ class _Transfer:
         for (item, staged, started), outcome in zip(batch, results, strict=True):
             if outcome.error is None:
                 done.append((item, staged, started))
+                if warning := getattr(outcome, "warning", None):
+                    log.warning(
+                        "delivered with refusals",
+                        uid=item.uid,
+                        destination=self.destination.name,
+                        warning=warning,
+                    )
             else:
                 self._fail(None, item, outcome.error)
         if done:
@@ -412,7 +429,16 @@ async def _poll(
         if plan.fetch:
             await db.call(db.store.add_pending, account.name, [(i.uid, i.key) for i in plan.fetch])
         transfer = _Transfer(account, session, destination, db, result)
-        await transfer.run(plan.fetch, mailbox.sizes)
+        try:
+            await transfer.run(plan.fetch, mailbox.sizes)
+        finally:
+            if transfer.set_aside:
+                retry_at = time.time() + PERMANENT_RETRY_AFTER
+                await db.call(
+                    db.store.mark_skipped,
+                    account.name,
+                    [(uid, why, size, retry_at) for uid, why, size in transfer.set_aside],
+                )
         if transfer.unsettled:
             # Read but not delivered: never QUIT (see the module docstring).
             transport.abort()

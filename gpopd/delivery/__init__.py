@@ -14,7 +14,10 @@ from gpopd.delivery.base import (
     account_tag,
     message_key,
 )
+from gpopd.delivery.lmtp import LmtpDestination
 from gpopd.delivery.maildir import MaildirDestination
+from gpopd.delivery.mda import MdaDestination
+from gpopd.delivery.smtp import SmtpDestination
 
 __all__ = [
     "CommitResult",
@@ -33,4 +36,10 @@ def build_destination(delivery: Any) -> Destination:
     kind = delivery.type
     if kind == "maildir":
         return MaildirDestination(Path(delivery.path))
+    if kind == "mda":
+        return MdaDestination.from_config(delivery)
+    if kind == "smtp":
+        return SmtpDestination(delivery)
+    if kind == "lmtp":
+        return LmtpDestination(delivery)
     raise ValueError(f"unknown delivery type {kind!r}")

@@ -20,6 +20,8 @@ class AccountSpec:
     ca_file: Path | None = None
     keep: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    # YAML lines of another delivery (indented under "delivery:"); default Maildir.
+    delivery: list[str] | None = None
 
 
 def write_config(directory: Path, accounts: list[AccountSpec], **top: Any) -> Path:
@@ -48,7 +50,8 @@ def write_config(directory: Path, accounts: list[AccountSpec], **top: Any) -> Pa
             lines.append("    allow_plaintext: true")
         for key, value in acc.extra.items():
             lines.append(f"    {key}: {value}")
-        lines += ["    delivery:", "      type: maildir", f"      path: {acc.maildir}"]
+        delivery = acc.delivery or ["type: maildir", f"path: {acc.maildir}"]
+        lines += ["    delivery:", *(f"      {line}" for line in delivery)]
     path = directory / "gpopd.yaml"
     path.write_text("\n".join(lines) + "\n")
     os.chmod(path, 0o600)
