@@ -25,11 +25,11 @@ from gpopd.errors import ConnectTimeout, ReadTimeout, TlsError, TransportError
 
 # Stop reading from the socket while this much received data waits for the
 # engine: bounds memory when the consumer (disk) is slower than the network.
-READ_HIGH_WATER = 2 * 1024 * 1024
-READ_LOW_WATER = 512 * 1024
+READ_HIGH_WATER = 1024 * 1024
+READ_LOW_WATER = 256 * 1024
 # One read() hands over at most this much, so a slow consumer still sees
 # progress in bounded pieces.
-MAX_READ = 1024 * 1024
+MAX_READ = 256 * 1024
 
 
 def make_tls_context(ca_file: Path | None = None) -> ssl.SSLContext:

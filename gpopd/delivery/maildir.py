@@ -43,7 +43,7 @@ __all__ = ["BUFFER_SIZE", "MaildirDestination", "MaildirStaged", "parse_key"]
 
 # Large enough that a message costs a few write(2) calls, small enough that
 # a window of messages being streamed does not grow the process.
-BUFFER_SIZE = 1 << 20
+BUFFER_SIZE = 512 * 1024
 
 _NAME_RE = re.compile(r"\d+\.M\d+P\d+Q\d+X([0-9a-f]{32})\.")
 _KEY_RE = re.compile(r"[0-9a-f]{32}")
