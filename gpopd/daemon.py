@@ -189,27 +189,30 @@ class Daemon:
         if scheduler is None or db is None:
             return
         now_wall, now_mono = time.time(), time.monotonic()
+        rows = []
         for name in names:
             state = scheduler.state(name)
             if state is None:
                 continue
             due = None if state.next_due is None else now_wall + (state.next_due - now_mono)
-            try:
-                await db.call(
-                    db.store.set_schedule, name, due, state.interval, state.consecutive_failures
-                )
-            except StoreError as exc:
-                log.warning("could not record the schedule", account=name, error=str(exc))
+            rows.append((name, due, state.interval, state.consecutive_failures))
+        try:
+            await db.call(db.store.set_schedules, rows)  # one transaction for all
+        except StoreError as exc:
+            log.warning("could not record the schedule", error=str(exc))
 
     async def _heartbeat(self) -> None:
+        # Each account's schedule is saved after its polls; here only once at
+        # start, so that an idle daemon costs one small commit per interval.
+        if self.settings is not None:
+            await self._save_schedule(list(self.settings.accounts))
         while True:
             db = self._db
-            if db is not None and self.settings is not None:
+            if db is not None:
                 try:
                     await db.call(db.store.daemon_heartbeat, time.time())
                 except StoreError as exc:
                     log.warning("could not record the heartbeat", error=str(exc))
-                await self._save_schedule(list(self.settings.accounts))
             await asyncio.sleep(HEARTBEAT_INTERVAL)
 
     async def _watchdog(self, interval: float) -> None:

@@ -449,13 +449,22 @@ class Store:
         interval: float | None,
         consecutive_failures: int,
     ) -> None:
+        self.set_schedules([(account, next_poll_at, interval, consecutive_failures)])
+
+    def set_schedules(self, items: Iterable[tuple[str, float | None, float | None, int]]) -> None:
+        """Record (account, next_poll_at, interval, consecutive_failures) in one transaction."""
+        rows = list(items)
+        if not rows:
+            return
+        now = time.time()
         with self._transaction() as db:
-            self._ensure_account(db, account)
-            db.execute(
-                "INSERT OR REPLACE INTO schedule (account, next_poll_at, interval,"
-                " consecutive_failures, updated_at) VALUES (?, ?, ?, ?, ?)",
-                (account, next_poll_at, interval, consecutive_failures, time.time()),
-            )
+            for account, next_poll_at, interval, failures in rows:
+                self._ensure_account(db, account)
+                db.execute(
+                    "INSERT OR REPLACE INTO schedule (account, next_poll_at, interval,"
+                    " consecutive_failures, updated_at) VALUES (?, ?, ?, ?, ?)",
+                    (account, next_poll_at, interval, failures, now),
+                )
 
     def schedules(self) -> dict[str, dict[str, Any]]:
         """Return account -> ``next_poll_at``, ``interval``, ``consecutive_failures``,
