@@ -305,7 +305,11 @@ class _Transfer:
     async def _maybe_commit(self) -> None:
         if self._commit is not None and not self._commit.done():
             staged_bytes = sum(staged.size for _, staged, _ in self._batch)
-            if len(self._batch) < MAX_COMMIT_WINDOW and staged_bytes < MAX_COMMIT_BYTES:
+            # A destination that cannot recognise its own earlier deliveries
+            # (SMTP, LMTP, MDA) commits one message at a time, so a crash can
+            # duplicate at most the message in flight.
+            window = MAX_COMMIT_WINDOW if self.destination.exactly_once else 1
+            if len(self._batch) < window and staged_bytes < MAX_COMMIT_BYTES:
                 return  # the running commit will be followed by a bigger one
             await self._commit
         await self._finish_commit()

@@ -1,4 +1,4 @@
-"""Every destination end to end: Dovecot POP3 -> gpopd poll -> SMTP, LMTP, MDA."""
+"""Every destination end to end: Dovecot POP3 -> gpopd poll -> SMTP, LMTP, MDA, mbox."""
 
 from __future__ import annotations
 
@@ -215,3 +215,34 @@ async def test_mda_exit_codes(dovecot: Dovecot, pki: TestPKI, tmp_path: Path) ->
         [reason] = store.skipped_uids("alice", 0).values()
     assert "refused" in reason
     assert dovecot.message_count("alice") == 1
+
+
+def read_mboxrd(path: Path) -> list[bytes]:
+    """Messages of an mboxrd file, un-quoted (Python's mailbox module reads mboxo)."""
+    import mailbox
+    import re
+
+    box = mailbox.mbox(str(path), create=False)
+    out = []
+    for key in box.iterkeys():
+        raw = box.get_bytes(key)
+        out.append(re.sub(rb"(?m)^>(>*From )", rb"\1", raw))
+    box.close()
+    return out
+
+
+async def test_mbox_read_back(dovecot: Dovecot, pki: TestPKI, tmp_path: Path) -> None:
+    """Every edge case lands in an mboxrd file once, read back byte-exact."""
+    messages = list(edge_case_named().values()) + mixed_corpus(10, seed=56)
+    dovecot.add_messages("alice", messages)
+    target = tmp_path / "mail" / "alice.mbox"
+    spec = account(dovecot, pki, tmp_path, ["type: mbox", f"path: {target}"])
+    first = await poll(tmp_path, spec)
+    second = await poll(tmp_path, spec)
+    assert first.outcome == "ok", first.error
+    assert (first.delivered, second.delivered) == (len(messages), 0)
+    stored = read_mboxrd(target)
+    # The mbox format separates messages with a blank line; mailbox hands it back.
+    assert sorted(m.rstrip(b"\n") for m in stored) == sorted(
+        expected_delivery(m).rstrip(b"\n") for m in messages
+    )

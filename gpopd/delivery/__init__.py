@@ -16,6 +16,7 @@ from gpopd.delivery.base import (
 )
 from gpopd.delivery.lmtp import LmtpDestination
 from gpopd.delivery.maildir import MaildirDestination
+from gpopd.delivery.mbox import MboxDestination
 from gpopd.delivery.mda import MdaDestination
 from gpopd.delivery.smtp import SmtpDestination
 
@@ -36,6 +37,8 @@ def build_destination(delivery: Any) -> Destination:
     kind = delivery.type
     if kind == "maildir":
         return MaildirDestination(Path(delivery.path))
+    if kind == "mbox":
+        return MboxDestination.from_config(delivery)
     if kind == "mda":
         return MdaDestination.from_config(delivery)
     if kind == "smtp":
