@@ -191,6 +191,11 @@ PollInterval = Annotated[float, BeforeValidator(_duration(1.0))]
 Timeout = Annotated[float, BeforeValidator(_duration(0.0, inclusive=False))]
 
 
+# Trace headers gpopd may prepend to each message, on request only.
+HeaderName = Literal["received", "delivered_to", "uidl", "key"]
+AddHeaders = Annotated[tuple[HeaderName, ...], Field(max_length=4)]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
@@ -323,6 +328,7 @@ class AccountDefaults(_Model):
     poll_interval: PollInterval | None = None
     connect_timeout: Timeout | None = None
     timeout: Timeout | None = None
+    add_headers: AddHeaders | None = None
     delivery: Delivery | None = None
 
 
@@ -345,6 +351,7 @@ class Account(_Model):
     poll_interval: PollInterval = 600.0
     connect_timeout: Timeout = 30.0
     timeout: Timeout = 120.0
+    add_headers: AddHeaders = ()
     delivery: Delivery
 
     @property

@@ -44,6 +44,7 @@ from gpopd.errors import (
     StoreError,
     TransportError,
 )
+from gpopd.headers import trace_headers
 from gpopd.session import Mailbox, Session, TraceHook, login_delay
 from gpopd.store import AccountLock, Store
 from gpopd.transport import Transport, make_tls_context
@@ -263,6 +264,8 @@ class _Transfer:
                         writer = self.destination.open(
                             MessageInfo(self.account.name, item.uid, item.key, item.size)
                         )
+                        if self.account.add_headers:
+                            writer.write(self._headers(item))
                     except DeliveryError as exc:
                         self._fail(None, item, exc)
                         writer = None
@@ -285,6 +288,17 @@ class _Transfer:
             # Whatever happened on the wire, messages received in full are
             # still worth making durable.
             await self._drain_commits()
+
+    def _headers(self, item: _Planned) -> bytes:
+        account = self.account
+        return trace_headers(
+            account.add_headers,
+            host=account.host,
+            tls=account.tls,
+            username=account.username,
+            uid=item.uid,
+            key=item.key,
+        )
 
     def _fail(self, writer: Writer | None, item: _Planned | None, exc: DeliveryError) -> None:
         if writer is not None:
