@@ -329,6 +329,7 @@ class AccountDefaults(_Model):
     connect_timeout: Timeout | None = None
     timeout: Timeout | None = None
     add_headers: AddHeaders | None = None
+    quarantine: AbsolutePath | None = None
     delivery: Delivery | None = None
 
 
@@ -352,6 +353,8 @@ class Account(_Model):
     connect_timeout: Timeout = 30.0
     timeout: Timeout = 120.0
     add_headers: AddHeaders = ()
+    # A Maildir that also receives every message a destination refuses for good.
+    quarantine: AbsolutePath | None = None
     delivery: Delivery
 
     @property

@@ -36,7 +36,15 @@ from structlog.contextvars import bound_contextvars
 from gpopd import pop3
 from gpopd.config import Account, Settings
 from gpopd.delivery import build_destination
-from gpopd.delivery.base import Destination, MessageInfo, Staged, Writer, message_key
+from gpopd.delivery.base import (
+    CommitResult,
+    Destination,
+    MessageInfo,
+    Staged,
+    Writer,
+    message_key,
+)
+from gpopd.delivery.maildir import MaildirDestination
 from gpopd.errors import (
     DeliveryError,
     GpopdError,
@@ -207,6 +215,57 @@ async def open_session(account: Account, trace: TraceHook | None = None) -> Sess
     return session
 
 
+class _Tee(Writer):
+    """Writes a message to its destination and a quarantine copy at once."""
+
+    def __init__(self, main: Writer, copy: Writer) -> None:
+        self.main = main
+        self.copy: _Copy = _Copy(copy)
+
+    def write(self, data: bytes) -> None:
+        self.main.write(data)
+        self.copy.write(data)
+
+    def finish(self) -> Staged:
+        staged = self.main.finish()
+        self.copy.finish()
+        return staged
+
+    def abort(self) -> None:
+        self.main.abort()
+        self.copy.abort()
+
+
+class _Copy:
+    """The quarantine side of a ``_Tee``: its failures never fail the delivery."""
+
+    def __init__(self, writer: Writer) -> None:
+        self.writer: Writer | None = writer
+        self.staged: Staged | None = None
+
+    def write(self, data: bytes) -> None:
+        if self.writer is not None:
+            try:
+                self.writer.write(data)
+            except DeliveryError as exc:
+                log.warning("quarantine copy failed", error=str(exc))
+                self.abort()
+
+    def finish(self) -> None:
+        if self.writer is not None:
+            try:
+                self.staged = self.writer.finish()
+            except DeliveryError as exc:
+                log.warning("quarantine copy failed", error=str(exc))
+                self.abort()
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+        self.staged = None
+
+
 class _Transfer:
     """RETR the planned messages into the destination with group commit."""
 
@@ -229,6 +288,12 @@ class _Transfer:
         # Messages read from the server and not (yet) durably delivered.
         self.unsettled = 0
         self._batch: list[tuple[_Planned, Staged, float]] = []
+        # With quarantine: a copy of each message in flight, kept only if the
+        # destination refuses it for good.
+        self.quarantine = (
+            MaildirDestination(account.quarantine) if account.quarantine is not None else None
+        )
+        self._copies: dict[str, _Copy] = {}
         self._commit: asyncio.Task[None] | None = None
 
     async def run(self, items: list[_Planned], sizes: dict[int, int]) -> None:
@@ -261,9 +326,9 @@ class _Transfer:
                     started = time.monotonic()
                     self.unsettled += 1
                     try:
-                        writer = self.destination.open(
-                            MessageInfo(self.account.name, item.uid, item.key, item.size)
-                        )
+                        writer = self.destination.open(self._info(item))
+                        if self.quarantine is not None:
+                            writer = _Tee(writer, self.quarantine.open(self._info(item)))
                         if self.account.add_headers:
                             writer.write(self._headers(item))
                     except DeliveryError as exc:
@@ -276,6 +341,8 @@ class _Transfer:
                         except DeliveryError as exc:
                             self._fail(writer, item, exc)
                         else:
+                            if isinstance(writer, _Tee):
+                                self._copies[item.key] = writer.copy
                             self._batch.append((item, staged, started))
                             await self._maybe_commit()
                     writer = None
@@ -288,6 +355,9 @@ class _Transfer:
             # Whatever happened on the wire, messages received in full are
             # still worth making durable.
             await self._drain_commits()
+
+    def _info(self, item: _Planned) -> MessageInfo:
+        return MessageInfo(self.account.name, item.uid, item.key, item.size)
 
     def _headers(self, item: _Planned) -> bytes:
         account = self.account
@@ -316,13 +386,41 @@ class _Transfer:
             next_try="in a day, or after `gpopd retry`" if permanent else "next poll",
         )
 
+    async def _settle_copies(
+        self, batch: list[tuple[_Planned, Staged, float]], results: list[CommitResult]
+    ) -> None:
+        """Keep in quarantine the copies of messages refused for good; drop the rest."""
+        keep: list[tuple[_Planned, Staged]] = []
+        for (item, _, _), outcome in zip(batch, results, strict=True):
+            copy = self._copies.pop(item.key, None)
+            if copy is None:
+                continue
+            if isinstance(outcome.error, PermanentDeliveryError) and copy.staged is not None:
+                keep.append((item, copy.staged))
+            else:
+                copy.abort()
+        if not keep or self.quarantine is None:
+            return
+        await self.quarantine.prepare(self.account.name)
+        for (item, _), outcome in zip(
+            keep, await self.quarantine.commit([s for _, s in keep]), strict=True
+        ):
+            if outcome.error is None:
+                log.warning("message quarantined", uid=item.uid, path=str(self.quarantine.path))
+            else:
+                log.error("could not quarantine", uid=item.uid, error=str(outcome.error))
+
     async def _maybe_commit(self) -> None:
         if self._commit is not None and not self._commit.done():
             staged_bytes = sum(staged.size for _, staged, _ in self._batch)
             # A destination that cannot recognise its own earlier deliveries
             # (SMTP, LMTP, MDA) commits one message at a time, so a crash can
             # duplicate at most the message in flight.
-            window = MAX_COMMIT_WINDOW if self.destination.exactly_once else 1
+            window = (
+                MAX_COMMIT_WINDOW
+                if self.destination.exactly_once and self.quarantine is None
+                else 1
+            )
             if len(self._batch) < window and staged_bytes < MAX_COMMIT_BYTES:
                 return  # the running commit will be followed by a bigger one
             await self._commit
@@ -356,6 +454,7 @@ class _Transfer:
                     )
             else:
                 self._fail(None, item, outcome.error)
+        await self._settle_copies(batch, results)
         if done:
             await self.db.call(
                 self.db.store.mark_delivered,

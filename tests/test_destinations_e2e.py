@@ -246,3 +246,28 @@ async def test_mbox_read_back(dovecot: Dovecot, pki: TestPKI, tmp_path: Path) ->
     assert sorted(m.rstrip(b"\n") for m in stored) == sorted(
         expected_delivery(m).rstrip(b"\n") for m in messages
     )
+
+
+async def test_refused_message_is_quarantined(
+    dovecot: Dovecot, pki: TestPKI, tmp_path: Path
+) -> None:
+    """With quarantine: set, a message the relay refuses for good is stored there, others not."""
+    messages = mixed_corpus(3, seed=57)
+    dovecot.add_messages("alice", messages)
+    handler = RecordingHandler(data_replies=["250 ok", "550 5.7.1 rejected by policy"])
+    quarantine = tmp_path / "Quarantine"
+    with running_server(handler) as relay:
+        spec = account(
+            dovecot,
+            pki,
+            tmp_path,
+            ["type: smtp", "host: 127.0.0.1", f"port: {relay.port}", "recipient: [a@b.test]"],
+        )
+        spec.extra = {"quarantine": str(quarantine)}
+        result = await poll(tmp_path, spec)
+    assert (result.delivered, result.failed) == (2, 1)
+    assert [p.read_bytes() for p in (quarantine / "new").iterdir()] == [
+        expected_delivery(messages[1])
+    ]
+    assert list((quarantine / "tmp").iterdir()) == []
+    assert dovecot.message_count("alice") == 3
