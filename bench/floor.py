@@ -1,0 +1,181 @@
+"""The floor: the least work any POP3 client must do to download a mailbox.
+
+It logs in over verified implicit TLS, asks STAT for the message count, sends
+every ``RETR`` pipelined in windows, reads all the bytes and throws them away.
+It parses nothing but status lines and the ``CRLF.CRLF`` terminators, and
+writes nothing to disk, so its time is the cost of the server, TLS and the
+network path alone.
+
+``python bench/floor.py --port N --ca-file CA --user U --password-file F``
+prints one JSON object: accounts, messages, bytes.  Several ``--user`` (with as
+many ``--password-file``) poll those mailboxes one after another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import ssl
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+READ_SIZE = 256 * 1024
+# Commands in flight: the same order as mpop's window (at most 100, refilled
+# when 20 are left), far below what the socket buffers hold.
+WINDOW = 100
+REFILL_AT = 20
+TERMINATOR = b"\r\n.\r\n"
+MAX_STATUS_LINE = 512
+
+
+class FloorError(Exception):
+    """The server refused a command or broke the protocol."""
+
+
+@dataclass
+class ResponseScanner:
+    """Counts multi-line responses in a byte stream without keeping their bodies.
+
+    A multi-line response is a status line and a body ending in ``CRLF.CRLF``;
+    the status line's own CRLF may be the first half of the terminator (an
+    empty body).  Only the last four bytes of a body are kept between chunks.
+    """
+
+    completed: int = 0
+    body_bytes: int = 0
+    _buffer: bytes = b""
+    _in_body: bool = False
+
+    def feed(self, data: bytes) -> None:
+        buffer = self._buffer + data
+        pos = 0
+        while True:
+            if not self._in_body:
+                end = buffer.find(b"\r\n", pos)
+                if end < 0:
+                    if len(buffer) - pos > MAX_STATUS_LINE:
+                        raise FloorError("status line too long")
+                    break
+                if not buffer.startswith(b"+OK", pos):
+                    raise FloorError(buffer[pos:end].decode("ascii", "replace"))
+                # Keep the status line's CRLF: it may start the terminator.
+                pos = end
+                self._in_body = True
+            end = buffer.find(TERMINATOR, pos)
+            if end < 0:
+                keep = max(pos, len(buffer) - (len(TERMINATOR) - 1))
+                self.body_bytes += keep - pos
+                pos = keep
+                break
+            self.body_bytes += end - pos
+            pos = end + len(TERMINATOR)
+            self.completed += 1
+            self._in_body = False
+        self._buffer = buffer[pos:]
+
+
+class Client:
+    """A blocking TLS POP3 client that only downloads."""
+
+    def __init__(self, host: str, port: int, context: ssl.SSLContext, server_name: str) -> None:
+        raw = socket.create_connection((host, port), timeout=300)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = context.wrap_socket(raw, server_hostname=server_name)
+        self._pending = b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def line(self) -> bytes:
+        while b"\r\n" not in self._pending:
+            data = self.sock.recv(READ_SIZE)
+            if not data:
+                raise FloorError("connection closed")
+            self._pending += data
+        line, _, self._pending = self._pending.partition(b"\r\n")
+        return line
+
+    def command(self, text: str) -> bytes:
+        self.sock.sendall(text.encode() + b"\r\n")
+        reply = self.line()
+        if not reply.startswith(b"+OK"):
+            raise FloorError(f"{text.split(maxsplit=1)[0]}: {reply.decode('ascii', 'replace')}")
+        return reply
+
+    def download_all(self) -> tuple[int, int]:
+        """RETR every message; return (messages, body bytes)."""
+        count = int(self.command("STAT").split()[1])
+        scanner = ResponseScanner()
+        scanner.feed(self._pending)
+        self._pending = b""
+        sent = 0
+        while scanner.completed < count:
+            if sent - scanner.completed <= REFILL_AT and sent < count:
+                batch = range(sent + 1, min(count, scanner.completed + WINDOW) + 1)
+                self.sock.sendall(b"".join(b"RETR %d\r\n" % n for n in batch))
+                sent = batch[-1]
+            data = self.sock.recv(READ_SIZE)
+            if not data:
+                raise FloorError("connection closed during RETR")
+            scanner.feed(data)
+        return count, scanner.body_bytes
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where to connect and which name the certificate must carry."""
+
+    host: str
+    port: int
+    server_name: str
+    context: ssl.SSLContext
+
+
+def poll(target: Target, user: str, password: str) -> tuple[int, int]:
+    client = Client(target.host, target.port, target.context, target.server_name)
+    try:
+        greeting = client.line()
+        if not greeting.startswith(b"+OK"):
+            raise FloorError(greeting.decode("ascii", "replace"))
+        client.command(f"USER {user}")
+        client.command(f"PASS {password}")
+        result = client.download_all()
+        client.command("QUIT")
+        return result
+    finally:
+        client.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--server-name", help="name to verify (default: --host)")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--ca-file", required=True)
+    parser.add_argument("--user", action="append", required=True)
+    parser.add_argument("--password-file", action="append", required=True)
+    args = parser.parse_args(argv)
+    if len(args.user) != len(args.password_file):
+        parser.error("give one --password-file per --user")
+    context = ssl.create_default_context(cafile=args.ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    target = Target(args.host, args.port, args.server_name or args.host, context)
+    messages = total = 0
+    for user, password_file in zip(args.user, args.password_file, strict=True):
+        password = Path(password_file).read_text().removesuffix("\n")
+        count, size = poll(target, user, password)
+        messages += count
+        total += size
+    print(json.dumps({"accounts": len(args.user), "messages": messages, "bytes": total}))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (FloorError, OSError) as exc:
+        print(f"floor: {exc}", file=sys.stderr)
+        sys.exit(1)
