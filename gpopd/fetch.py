@@ -204,9 +204,9 @@ async def open_session(account: Account, trace: TraceHook | None = None) -> Sess
         await session.read_greeting()
         if tls_ctx is not None and account.tls == "starttls":
             await session.starttls(tls_ctx, account.host, account.connect_timeout)
-        caps = await session.capa()
+        caps = session.pre_login_capabilities = await session.capa()
         password = account.password.secret.get_secret_value() if account.password else ""
-        await session.login(account.username, password, account.auth, caps)
+        session.login_method = await session.login(account.username, password, account.auth, caps)
         # Capabilities may change after login (Gmail adds PIPELINING).
         await session.capa()
     except BaseException:

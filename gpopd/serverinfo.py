@@ -20,10 +20,10 @@ from pathlib import Path
 
 from gpopd import pop3
 from gpopd.config import Account
-from gpopd.session import Session, TraceHook
+from gpopd.fetch import open_session
+from gpopd.session import TraceHook
 from gpopd.status import format_bytes, format_span, printable
 from gpopd.store import AccountLock
-from gpopd.transport import Transport, make_tls_context
 
 __all__ = ["ServerInfo", "render", "server_info"]
 
@@ -92,23 +92,14 @@ async def server_info(
 
 
 async def _server_info(account: Account, trace: TraceHook | None) -> ServerInfo:
-    tls_ctx = make_tls_context(account.ca_file) if account.tls != "none" else None
-    transport = await Transport.connect(
-        account.host,
-        account.effective_port,
-        tls=tls_ctx if account.tls == "implicit" else None,
-        connect_timeout=account.connect_timeout,
-        read_timeout=account.timeout,
-    )
-    session = Session(transport, trace=trace)
+    session = await open_session(account, trace)
+    transport = session.transport
     try:
-        greeting = await session.read_greeting()
-        if tls_ctx is not None and account.tls == "starttls":
-            await session.starttls(tls_ctx, account.host, account.connect_timeout)
-        before = await session.capa()
-        password = account.password.secret.get_secret_value() if account.password else ""
-        method = await session.login(account.username, password, account.auth, before)
-        after = await session.capa()
+        greeting = session.greeting
+        if greeting is None:
+            raise pop3.RemoteProtocolError("no greeting")
+        before, after = session.pre_login_capabilities, session.capabilities
+        method = session.login_method or account.auth
         stat = await session.request(pop3.Stat())
         if not isinstance(stat, pop3.StatReply):
             raise pop3.RemoteProtocolError(f"unexpected reply to STAT: {stat!r}")

@@ -104,6 +104,9 @@ class Session:
         self.greeting: pop3.Greeting | None = None
         # The server's latest CAPA answer (empty when it has none).
         self.capabilities: dict[str, tuple[str, ...]] = {}
+        # What the server offered before authentication, and how we logged in.
+        self.pre_login_capabilities: dict[str, tuple[str, ...]] = {}
+        self.login_method: str | None = None
 
     # plumbing ------------------------------------------------------------
     def send(self, *commands: pop3.Command) -> None:
