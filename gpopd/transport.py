@@ -175,7 +175,17 @@ class Transport:
         except ssl.SSLError as exc:
             raise TlsError(f"TLS handshake with {host}:{port} failed: {exc.reason}") from exc
         except OSError as exc:
-            raise TransportError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from exc
+            if tls is not None and isinstance(exc, ConnectionResetError):
+                # A server that cannot agree on TLS >= 1.2 (or any TLS at all)
+                # typically drops the connection during the handshake.  It may
+                # also be passing trouble, so this stays a (retried) network
+                # error rather than a TlsError that waits for a person.
+                raise TransportError(
+                    f"TLS handshake with {host}:{port} failed: connection reset by the "
+                    "server (does it support TLS 1.2 or newer?)"
+                ) from exc
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            raise TransportError(f"cannot connect to {host}:{port}: {reason}") from exc
         return cls(protocol, host, read_timeout)
 
     @property

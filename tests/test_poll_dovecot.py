@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gpopd.config import load_config
-from gpopd.errors import TlsError
+from gpopd.errors import TlsError, TransportError
 from gpopd.fetch import poll_once
 from gpopd.store import Store
 from tests.support.certs import TestPKI
@@ -238,3 +238,19 @@ def _read_nowait(fd: int) -> bytes:
         return os.read(fd, 65536)
     except OSError:  # EIO once the terminal's other side is closed
         return b""
+
+
+async def test_tls_below_1_2_is_refused_before_credentials(
+    dovecot_factory: DovecotFactory, pki: TestPKI, tmp_path: Path
+) -> None:
+    """A server that speaks only TLS 1.0/1.1 is refused before USER/PASS."""
+    server = dovecot_factory(tls_min="TLSv1", tls_max="TLSv1.1")
+    server.add_messages("alice", mixed_corpus(2, seed=18))
+    [result] = await poll_once(
+        load_config(write_config(tmp_path, [alice(server, pki, tmp_path)]), environ={})
+    )
+    assert isinstance(result.error, TransportError), result.error
+    assert "TLS" in str(result.error)
+    assert result.delivered == 0
+    log = server.log_path.read_text()
+    assert "user=<alice>" not in log
