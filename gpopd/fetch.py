@@ -63,7 +63,7 @@ T = TypeVar("T")
 # (a destination may keep small messages in memory until commit): beyond
 # either the fetch waits for the previous commit rather than stage more.
 MAX_COMMIT_WINDOW = 128
-MAX_COMMIT_BYTES = 4 * 1024 * 1024
+MAX_COMMIT_BYTES = 2 * 1024 * 1024
 
 log = structlog.get_logger("gpopd.fetch")
 
@@ -288,6 +288,7 @@ class _Transfer:
         # Messages read from the server and not (yet) durably delivered.
         self.unsettled = 0
         self._batch: list[tuple[_Planned, Staged, float]] = []
+        self._batch_bytes = 0
         # With quarantine: a copy of each message in flight, kept only if the
         # destination refuses it for good.
         self.quarantine = (
@@ -344,6 +345,7 @@ class _Transfer:
                             if isinstance(writer, _Tee):
                                 self._copies[item.key] = writer.copy
                             self._batch.append((item, staged, started))
+                            self._batch_bytes += staged.size
                             await self._maybe_commit()
                     writer = None
                     item = None
@@ -412,7 +414,7 @@ class _Transfer:
 
     async def _maybe_commit(self) -> None:
         if self._commit is not None and not self._commit.done():
-            staged_bytes = sum(staged.size for _, staged, _ in self._batch)
+            staged_bytes = self._batch_bytes
             # A destination that cannot recognise its own earlier deliveries
             # (SMTP, LMTP, MDA) commits one message at a time, so a crash can
             # duplicate at most the message in flight.
@@ -425,7 +427,7 @@ class _Transfer:
                 return  # the running commit will be followed by a bigger one
             await self._commit
         await self._finish_commit()
-        batch, self._batch = self._batch, []
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
         self._commit = asyncio.create_task(self._commit_batch(batch))
 
     async def _finish_commit(self) -> None:
@@ -436,7 +438,7 @@ class _Transfer:
     async def _drain_commits(self) -> None:
         await self._finish_commit()
         if self._batch:
-            batch, self._batch = self._batch, []
+            batch, self._batch, self._batch_bytes = self._batch, [], 0
             await self._commit_batch(batch)
 
     async def _commit_batch(self, batch: list[tuple[_Planned, Staged, float]]) -> None:
