@@ -304,6 +304,10 @@ class _Transfer:
         received = 0
         started = 0.0
         limit = self.account.max_message_size
+        if self.quarantine is not None:
+            # Once per poll, before any copy exists: prepare() removes this
+            # account's files in tmp/, which later would include copies in flight.
+            await self.quarantine.prepare(self.account.name)
         try:
             async for event in self.session.retrieve([i.number for i in items], sizes):
                 if isinstance(event, pop3.MessageData):
@@ -326,6 +330,7 @@ class _Transfer:
                     received = 0
                     started = time.monotonic()
                     self.unsettled += 1
+                    writer = None
                     try:
                         writer = self.destination.open(self._info(item))
                         if self.quarantine is not None:
@@ -333,7 +338,8 @@ class _Transfer:
                         if self.account.add_headers:
                             writer.write(self._headers(item))
                     except DeliveryError as exc:
-                        self._fail(None, item, exc)
+                        # Also releases what open() already created (a spool file).
+                        self._fail(writer, item, exc)
                         writer = None
                 elif isinstance(event, pop3.MessageEnd):
                     if writer is not None and item is not None:
@@ -403,7 +409,6 @@ class _Transfer:
                 copy.abort()
         if not keep or self.quarantine is None:
             return
-        await self.quarantine.prepare(self.account.name)
         for (item, _), outcome in zip(
             keep, await self.quarantine.commit([s for _, s in keep]), strict=True
         ):
