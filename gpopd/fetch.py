@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
@@ -594,7 +595,7 @@ def outcome_of(exc: BaseException) -> str:
 async def poll_account(
     account: Account,
     db: StoreWorker,
-    state_dir: Any,
+    state_dir: Path,
     *,
     destination: Destination | None = None,
     trace: TraceHook | None = None,
