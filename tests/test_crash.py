@@ -21,7 +21,11 @@ from tests.support.gpopd_config import AccountSpec, maildir_contents, write_conf
 
 # Each round adds fresh mail so that every kill can land in the middle of real work.
 MESSAGES_AT_START = 300
-MESSAGES_PER_ROUND = 12
+# Enough new mail per round that a poll is still transferring when the kill
+# comes (a round of 12 finished within 0.6 s, so most late kills missed).
+MESSAGES_PER_ROUND = 30
+# The long run keeps rounds a little smaller: 10,300 messages, about 1.2 GB.
+SLOW_MESSAGES_PER_ROUND = 20
 CI_KILLS = 50
 MBOX_KILLS = 25
 SMTP_KILLS = 25
@@ -39,11 +43,12 @@ def kill_loop(
     read_back: Callable[[], list[bytes]] | None = None,
     duplicates_allowed: bool = False,
     normalise: Callable[[bytes], bytes] = lambda message: message,
+    per_round: int = MESSAGES_PER_ROUND,
 ) -> None:
     seed = int(os.environ.get("GPOPD_CRASH_SEED", random.randrange(1 << 30)))
     print(f"crash test seed: {seed} (set GPOPD_CRASH_SEED to repeat)")
     rng = random.Random(seed)
-    sent: list[bytes] = mixed_corpus(MESSAGES_AT_START + kills * MESSAGES_PER_ROUND, seed=seed)
+    sent: list[bytes] = mixed_corpus(MESSAGES_AT_START + kills * per_round, seed=seed)
     dovecot.add_messages("alice", sent[:MESSAGES_AT_START])
     added = MESSAGES_AT_START
     spec = AccountSpec(
@@ -61,13 +66,14 @@ def kill_loop(
     outcomes: dict[str, int] = {}
     for _ in range(kills):
         child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.15, 1.5))
+        # Start-up and login take about 0.5 s; a round's transfer follows.
+        time.sleep(rng.uniform(0.15, 1.0))
         child.send_signal(signal.SIGKILL)
         code = child.wait(timeout=30)
         outcome = "killed" if code == -signal.SIGKILL else f"exit {code}"
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
-        dovecot.add_messages("alice", sent[added : added + MESSAGES_PER_ROUND])
-        added += MESSAGES_PER_ROUND
+        dovecot.add_messages("alice", sent[added : added + per_round])
+        added += per_round
     print(f"kill rounds: {outcomes}")
     assert outcomes.get("killed", 0) >= kills // 2, f"too few kills landed: {outcomes}"
 
@@ -111,7 +117,9 @@ def test_sigkill_during_polls_long(
     dovecot: Dovecot, pki: TestPKI, tmp_path: Path, keep: bool
 ) -> None:
     """500 SIGKILLs per mode: the same guarantee over a long run."""
-    kill_loop(dovecot, pki, tmp_path, keep=keep, kills=SLOW_KILLS)
+    kill_loop(
+        dovecot, pki, tmp_path, keep=keep, kills=SLOW_KILLS, per_round=SLOW_MESSAGES_PER_ROUND
+    )
 
 
 def test_sigkill_with_mbox_is_exactly_once(dovecot: Dovecot, pki: TestPKI, tmp_path: Path) -> None:
