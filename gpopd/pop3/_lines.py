@@ -143,7 +143,9 @@ class MultiLineReader:
             count = len(self._numbers)
         if count > MAX_LISTING_ENTRIES:
             raise RemoteProtocolError(
-                f"reply has more than MAX_LISTING_ENTRIES ({MAX_LISTING_ENTRIES}) entries"
+                f"reply has more than MAX_LISTING_ENTRIES ({MAX_LISTING_ENTRIES}) entries; "
+                "gpopd bounds its memory and does not poll a mailbox this large: "
+                "move old messages off the server"
             )
 
     def _event(self) -> Capabilities | ScanListing | UidListing:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 
@@ -19,7 +19,29 @@ class CloseAfter(bytes):
     """A reply after which the server closes the connection."""
 
 
-Reply = bytes | None
+class Stream:
+    """A reply made piece by piece as the client reads it, never held whole.
+
+    Each piece is drained before the next one is made, so a reply of
+    gigabytes (or one that never ends) costs the server one piece of memory.
+    ``delay`` seconds pass between pieces; ``sent`` counts the bytes written.
+    """
+
+    def __init__(self, pieces: Iterable[bytes], delay: float = 0.0) -> None:
+        self.pieces = pieces
+        self.delay = delay
+        self.sent = 0
+
+    async def send(self, writer: asyncio.StreamWriter) -> None:
+        for piece in self.pieces:
+            writer.write(piece)
+            await writer.drain()
+            self.sent += len(piece)
+            if self.delay:
+                await asyncio.sleep(self.delay)
+
+
+Reply = bytes | Stream | None
 Script = Callable[[list[str], "FakePop3"], Reply]
 
 
@@ -39,7 +61,7 @@ class FakePop3:
     user: str = "alice"
     password: str = "fake-secret-pw"
     capabilities: tuple[str, ...] = ("USER", "UIDL", "TOP", "PIPELINING", "RESP-CODES")
-    greeting: bytes = b"+OK fake POP3 ready\r\n"
+    greeting: bytes | Stream = b"+OK fake POP3 ready\r\n"
     script: dict[str, Script] = field(default_factory=dict)
     ssl_context: ssl.SSLContext | None = None
     # Observations for assertions.
@@ -77,12 +99,19 @@ class FakePop3:
         out.append(b".\r\n")
         return b"".join(out)
 
+    @staticmethod
+    async def _write(writer: asyncio.StreamWriter, reply: bytes | Stream) -> None:
+        if isinstance(reply, Stream):
+            await reply.send(writer)
+        else:
+            writer.write(reply)
+
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.sessions += 1
         marked: set[int] = set()
         authed = False
-        writer.write(self.greeting)
         try:
+            await self._write(writer, self.greeting)
             while line := await reader.readline():
                 words = line.decode("latin-1").rstrip("\r\n").split(" ")
                 verb, args = words[0].upper(), words[1:]
@@ -92,7 +121,7 @@ class FakePop3:
                     if reply is None:
                         writer.transport.abort()
                         return
-                    writer.write(reply)
+                    await self._write(writer, reply)
                     if isinstance(reply, CloseAfter):
                         await writer.drain()
                         return
