@@ -24,18 +24,19 @@ serialises access (a lock here only guards against misuse).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from gpopd.accountlock import AccountLock, create_private_file, make_private_dir
 from gpopd.errors import StoreError
+from gpopd.storeschema import MIGRATIONS, SCHEMA_VERSION
 
 __all__ = ["DB_NAME", "POLL_HISTORY_KEEP", "SCHEMA_VERSION", "AccountLock", "Store"]
 
@@ -59,103 +60,6 @@ _POLL_COLUMNS = (
 )
 
 
-def _schema_1(db: sqlite3.Connection) -> None:
-    db.execute("CREATE TABLE account (name TEXT PRIMARY KEY) WITHOUT ROWID")
-    db.execute(
-        """CREATE TABLE delivered (
-            account TEXT NOT NULL REFERENCES account(name),
-            uid TEXT NOT NULL,
-            key TEXT NOT NULL,
-            size INTEGER NOT NULL,
-            delivered_at REAL NOT NULL,
-            PRIMARY KEY (account, uid)
-        ) WITHOUT ROWID"""
-    )
-    db.execute(
-        """CREATE TABLE pending (
-            account TEXT NOT NULL REFERENCES account(name),
-            key TEXT NOT NULL,
-            uid TEXT NOT NULL,
-            added_at REAL NOT NULL,
-            PRIMARY KEY (account, key)
-        ) WITHOUT ROWID"""
-    )
-    db.execute(
-        """CREATE TABLE poll (
-            id INTEGER PRIMARY KEY,
-            account TEXT NOT NULL REFERENCES account(name),
-            started_at REAL NOT NULL,
-            finished_at REAL,
-            outcome TEXT,
-            new INTEGER NOT NULL DEFAULT 0,
-            delivered INTEGER NOT NULL DEFAULT 0,
-            skipped INTEGER NOT NULL DEFAULT 0,
-            bytes INTEGER NOT NULL DEFAULT 0,
-            error TEXT
-        )"""
-    )
-    db.execute("CREATE INDEX poll_by_account ON poll (account, id)")
-
-
-def _schema_2(db: sqlite3.Connection) -> None:
-    # At most one row: the daemon that uses this state directory now.
-    db.execute(
-        """CREATE TABLE daemon (
-            id INTEGER PRIMARY KEY CHECK (id = 1),
-            pid INTEGER NOT NULL,
-            started_at REAL NOT NULL,
-            version TEXT NOT NULL,
-            heartbeat_at REAL NOT NULL
-        )"""
-    )
-    db.execute(
-        """CREATE TABLE schedule (
-            account TEXT PRIMARY KEY REFERENCES account(name),
-            next_poll_at REAL,
-            interval REAL,
-            consecutive_failures INTEGER NOT NULL DEFAULT 0,
-            updated_at REAL NOT NULL
-        ) WITHOUT ROWID"""
-    )
-    db.execute(
-        """CREATE TABLE skipped (
-            account TEXT NOT NULL REFERENCES account(name),
-            uid TEXT NOT NULL,
-            reason TEXT NOT NULL,
-            size INTEGER,
-            first_at REAL NOT NULL,
-            retry_after REAL,
-            PRIMARY KEY (account, uid)
-        ) WITHOUT ROWID"""
-    )
-
-
-# MIGRATIONS[n] takes a database from user_version n to n + 1.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_1, _schema_2)
-SCHEMA_VERSION = len(MIGRATIONS)
-
-
-def _make_private_dir(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        return
-    # mkdir's mode is filtered by the umask; the owner needs all three bits.
-    os.chmod(path, 0o700)
-
-
-def _create_private_file(path: Path) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        if os.fstat(fd).st_mode & 0o777 != 0o600:
-            os.fchmod(fd, 0o600)
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
-
-
 class Store:
     """The state database in ``state_dir/gpopd.db``.
 
@@ -175,10 +79,10 @@ class Store:
                 raise StoreError(f"no state database at {self.path} (gpopd has not run yet?)")
         else:
             try:
-                _make_private_dir(self.state_dir)
+                make_private_dir(self.state_dir)
                 # SQLite gives its -wal and -shm files the database file's mode,
                 # so creating that one 0600 first keeps all three private.
-                os.close(_create_private_file(self.path))
+                os.close(create_private_file(self.path))
             except OSError as exc:
                 raise StoreError(f"cannot create the state database {self.path}: {exc}") from exc
         try:
@@ -587,75 +491,3 @@ class Store:
     @staticmethod
     def _ensure_account(db: sqlite3.Connection, account: str) -> None:
         db.execute("INSERT OR IGNORE INTO account (name) VALUES (?)", (account,))
-
-
-class AccountLock:
-    """An exclusive, non-blocking lock on one account across gpopd processes.
-
-    ``flock`` belongs to the open file description, so the kernel releases
-    it when the holder dies; the lock file itself is never removed, since
-    removing it would let two processes lock two different files.
-    """
-
-    def __init__(self, state_dir: Path, account: str) -> None:
-        self.account = account
-        # Account names come from the configuration; quoting keeps "/" and
-        # other surprises out of the path.
-        filename = urllib.parse.quote(account, safe="@+-_.") + ".lock"
-        self.path = Path(state_dir) / "locks" / filename
-        self._fd = -1
-
-    @property
-    def held(self) -> bool:
-        return self._fd >= 0
-
-    def acquire(self) -> None:
-        if self._fd >= 0:
-            raise RuntimeError(f"the lock of account {self.account} is already held here")
-        try:
-            _make_private_dir(self.path.parent.parent)  # the state directory
-            _make_private_dir(self.path.parent)
-            fd = _create_private_file(self.path)
-        except OSError as exc:
-            raise StoreError(f"cannot create the lock file {self.path}: {exc}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = self._read_pid(fd)
-            os.close(fd)
-            raise StoreError(
-                f"account {self.account} is being polled by another gpopd process (pid {holder})"
-            ) from None
-        except OSError as exc:
-            os.close(fd)
-            raise StoreError(f"cannot lock {self.path}: {exc}") from exc
-        # The pid only makes the "busy" message nicer; the lock holds without it.
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
-
-    def release(self) -> None:
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
-
-    def __enter__(self) -> Self:
-        self.acquire()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
-
-    @staticmethod
-    def _read_pid(fd: int) -> str:
-        try:
-            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-        except OSError:
-            return "unknown"
-        return text if text.isdigit() else "unknown"

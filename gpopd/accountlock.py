@@ -1,0 +1,110 @@
+"""One gpopd process at a time per account: an flock on a file in the state directory."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import urllib.parse
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from gpopd.errors import StoreError
+
+__all__ = ["AccountLock", "create_private_file", "make_private_dir"]
+
+
+def make_private_dir(path: Path) -> None:
+    """Create directory ``path`` (and its parents) for the owner only, if missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    # mkdir's mode is filtered by the umask; the owner needs all three bits.
+    os.chmod(path, 0o700)
+
+
+def create_private_file(path: Path) -> int:
+    """Open ``path`` read-write, creating it 0600 if missing; the descriptor."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o777 != 0o600:
+            os.fchmod(fd, 0o600)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+class AccountLock:
+    """An exclusive, non-blocking lock on one account across gpopd processes.
+
+    ``flock`` belongs to the open file description, so the kernel releases
+    it when the holder dies; the lock file itself is never removed, since
+    removing it would let two processes lock two different files.
+    """
+
+    def __init__(self, state_dir: Path, account: str) -> None:
+        self.account = account
+        # Account names come from the configuration; quoting keeps "/" and
+        # other surprises out of the path.
+        filename = urllib.parse.quote(account, safe="@+-_.") + ".lock"
+        self.path = Path(state_dir) / "locks" / filename
+        self._fd = -1
+
+    @property
+    def held(self) -> bool:
+        return self._fd >= 0
+
+    def acquire(self) -> None:
+        if self._fd >= 0:
+            raise RuntimeError(f"the lock of account {self.account} is already held here")
+        try:
+            make_private_dir(self.path.parent.parent)  # the state directory
+            make_private_dir(self.path.parent)
+            fd = create_private_file(self.path)
+        except OSError as exc:
+            raise StoreError(f"cannot create the lock file {self.path}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._read_pid(fd)
+            os.close(fd)
+            raise StoreError(
+                f"account {self.account} is being polled by another gpopd process (pid {holder})"
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            raise StoreError(f"cannot lock {self.path}: {exc}") from exc
+        # The pid only makes the "busy" message nicer; the lock holds without it.
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> Self:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    @staticmethod
+    def _read_pid(fd: int) -> str:
+        try:
+            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        except OSError:
+            return "unknown"
+        return text if text.isdigit() else "unknown"
