@@ -1,3 +1,3 @@
-from gpopd.cli import main
+from gpopd.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -19,13 +19,16 @@ import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -39,6 +42,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from gpopd import gmail
 from gpopd.errors import ConfigError
 from gpopd.secrets import (
     AbsolutePath,
@@ -64,12 +68,12 @@ MAX_CONFIG_BYTES = 1024 * 1024
 ACCOUNT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 # Fields of type ``Secret``: an inline value for them from the environment is
 # exempt from the file-permission rule.
-SECRET_KEYS = frozenset({"password"})
+SECRET_KEYS = frozenset({"password", "client_secret", "refresh_token", "access_token"})
 
 TlsMode = Literal["implicit", "starttls", "none"]
-# New SASL mechanisms (xoauth2, oauthbearer) are added here.
-AuthMethod = Literal["auto", "user", "plain"]
+AuthMethod = Literal["auto", "user", "plain", "xoauth2", "oauthbearer"]
 PASSWORD_AUTH_METHODS = frozenset({"auto", "user", "plain"})
+OAUTH_AUTH_METHODS = frozenset({"xoauth2", "oauthbearer"})
 
 MAX_DURATION = 3650 * 86400.0
 MAX_SIZE = 1024**4
@@ -222,6 +226,18 @@ class MdaDelivery(_Model):
 _LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
+def _check_header_name(value: str) -> str:
+    # RFC 5322 field names: printable ASCII but the colon.
+    if not 0 < len(value) <= 76 or any(not 33 <= ord(ch) <= 126 or ch == ":" for ch in value):
+        raise PydanticCustomError(
+            "header_name", "must be a header field name such as Subject or X-Original-To"
+        )
+    return value
+
+
+HeaderField = Annotated[str, AfterValidator(_check_header_name)]
+
+
 class SmtpDelivery(_Model):
     """Forward each message to an SMTP relay (aiosmtplib).
 
@@ -238,6 +254,8 @@ class SmtpDelivery(_Model):
     password: Secret | None = None
     allow_plaintext: bool = False
     recipient: Annotated[tuple[Text, ...], Field(min_length=1)]
+    # Envelope recipients from this header of each message, else ``recipient``.
+    recipient_header: HeaderField | None = None
     sender: Text | None = None
     timeout: Timeout = 60.0
 
@@ -277,6 +295,8 @@ class LmtpDelivery(_Model):
     port: Port = 24
     socket: AbsolutePath | None = None
     recipient: Annotated[tuple[Text, ...], Field(min_length=1)]
+    # Envelope recipients from this header of each message, else ``recipient``.
+    recipient_header: HeaderField | None = None
     sender: Text | None = None
     timeout: Timeout = 60.0
 
@@ -294,6 +314,70 @@ Delivery = Annotated[
     MaildirDelivery | MboxDelivery | MdaDelivery | SmtpDelivery | LmtpDelivery,
     Field(discriminator="type"),
 ]
+MAX_DESTINATIONS = 16
+MAX_ROUTES = 64
+
+
+def _one_or_many(value: object) -> str:
+    return "many" if isinstance(value, list | tuple) else "one"
+
+
+def _one_or_list(value: object) -> object:
+    # Checked here, not in the union's branches, so that an error names
+    # ``delivery`` itself; the length before the items, as pydantic would
+    # count only the valid ones.
+    if isinstance(value, list | tuple):
+        if not 0 < len(value) <= MAX_DESTINATIONS:
+            raise PydanticCustomError(
+                "delivery_count", f"must list between 1 and {MAX_DESTINATIONS} destinations"
+            )
+    elif not isinstance(value, Mapping | BaseModel):
+        raise PydanticCustomError(
+            "model_type", "Input should be a valid dictionary or object to extract fields from"
+        )
+    return value
+
+
+# ``delivery:`` is one destination or a list of them, every one of which
+# must accept each message (gpopd.delivery.fanout).
+Deliveries = Annotated[
+    Annotated[Delivery, Tag("one")] | Annotated[tuple[Delivery, ...], Tag("many")],
+    Discriminator(_one_or_many),
+    BeforeValidator(_one_or_list),
+]
+
+
+def _compile_pattern(value: object) -> re.Pattern[str]:
+    if isinstance(value, re.Pattern):
+        return value
+    if not isinstance(value, str) or not value:
+        raise PydanticCustomError("pattern", "must be a regular expression")
+    try:
+        return re.compile(value)
+    except re.error as exc:
+        raise PydanticCustomError(
+            "pattern", "is not a valid regular expression: {reason}", {"reason": str(exc)}
+        ) from None
+
+
+class Route(_Model):
+    """A rule of ``routes:``: messages whose ``header`` matches go to ``delivery``."""
+
+    header: HeaderField
+    matches: Annotated[re.Pattern[str], BeforeValidator(_compile_pattern)] | None = None
+    contains: Text | None = None
+    delivery: Deliveries
+
+    @model_validator(mode="after")
+    def _one_test(self) -> Self:
+        if (self.matches is None) == (self.contains is None):
+            raise PydanticCustomError(
+                "route_test", "give exactly one of matches or contains", {"gpopd_key": "matches"}
+            )
+        return self
+
+
+Routes = Annotated[tuple[Route, ...], Field(max_length=MAX_ROUTES)]
 
 
 class _ExplicitName(str):
@@ -308,6 +392,69 @@ def _name_from_key(value: object) -> object:
             "name_from_key", "is taken from the account's key under accounts; remove it"
         )
     return value
+
+
+def _check_endpoint(value: str) -> str:
+    _check_text(value)
+    try:
+        parts = urlsplit(value)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise PydanticCustomError("url", "must be a URL such as https://host/path") from None
+    if parts.scheme not in ("https", "http") or not host or parts.fragment:
+        raise PydanticCustomError("url", "must be a URL such as https://host/path")
+    if parts.scheme == "http" and host.lower() not in _LOOPBACK:
+        # Tokens and client secrets travel in the request: only a listener on
+        # this machine may go without TLS.
+        raise PydanticCustomError(
+            "url_https", "must start with https:// (http:// only on loopback)"
+        )
+    return value
+
+
+Endpoint = Annotated[str, AfterValidator(_check_endpoint)]
+
+
+class OAuth(_Model):
+    """``oauth:`` of an account using ``auth: xoauth2`` or ``oauthbearer``.
+
+    Either a ``refresh_token`` that gpopd exchanges at ``token_url`` for
+    access tokens (``gpopd auth ACCOUNT`` obtains one), or an ``access_token``
+    source, typically a command, which is run again for every session.
+    """
+
+    client_id: Text | None = None
+    client_secret: Secret | None = None
+    refresh_token: Secret | None = None
+    access_token: Secret | None = None
+    token_url: Endpoint = "https://oauth2.googleapis.com/token"  # noqa: S105 - a URL
+    auth_url: Endpoint = "https://accounts.google.com/o/oauth2/v2/auth"
+    scope: Text = "https://mail.google.com/"
+    ca_file: ReadableFile | None = None
+
+    @model_validator(mode="after")
+    def _token_source(self) -> Self:
+        if self.access_token is not None and self.refresh_token is not None:
+            raise PydanticCustomError(
+                "oauth_token_source",
+                "give either access_token or refresh_token, not both",
+                {"gpopd_key": "access_token"},
+            )
+        if self.access_token is None:
+            if self.refresh_token is None:
+                raise PydanticCustomError(
+                    "oauth_token_missing",
+                    "needs refresh_token (run `gpopd auth ACCOUNT` to obtain one) or access_token",
+                    {"gpopd_key": "refresh_token"},
+                )
+            if self.client_id is None:
+                raise PydanticCustomError(
+                    "oauth_client_missing",
+                    "refresh_token needs client_id",
+                    {"gpopd_key": "client_id"},
+                )
+        return self
 
 
 class AccountDefaults(_Model):
@@ -327,7 +474,12 @@ class AccountDefaults(_Model):
     timeout: Timeout | None = None
     add_headers: AddHeaders | None = None
     quarantine: AbsolutePath | None = None
-    delivery: Delivery | None = None
+    allow_fast_polling: bool | None = None
+    skip_sent: bool | None = None
+    gmail_batch_threshold: Count | None = None
+    max_sessions_per_poll: Count | None = None
+    routes: Routes | None = None
+    delivery: Deliveries | None = None
 
 
 class Account(_Model):
@@ -352,7 +504,18 @@ class Account(_Model):
     add_headers: AddHeaders = ()
     # A Maildir that also receives every message a destination refuses for good.
     quarantine: AbsolutePath | None = None
-    delivery: Delivery
+    # Gmail: no poll_interval under 5 minutes unless the user insists.
+    allow_fast_polling: bool = False
+    # Gmail's POP includes sent mail: skip messages From the account itself.
+    skip_sent: bool = False
+    # A session that listed at least this many messages and fetched them all
+    # is followed at once by another one (Gmail offers ~250 per session).
+    gmail_batch_threshold: Count = 200
+    max_sessions_per_poll: Count = 100
+    oauth: OAuth | None = None
+    # Tried in order before ``delivery``, which takes what no route matched.
+    routes: Routes = ()
+    delivery: Deliveries
 
     @property
     def effective_port(self) -> int:
@@ -370,11 +533,35 @@ class Account(_Model):
                 "tls: none sends the password unencrypted; set allow_plaintext: true to allow it",
                 {"gpopd_key": "tls"},
             )
+        if self.auth in OAUTH_AUTH_METHODS and self.oauth is None:
+            raise PydanticCustomError(
+                "oauth_missing",
+                f"auth: {self.auth} needs an oauth section (refresh_token or access_token)",
+                {"gpopd_key": "oauth"},
+            )
+        if self.oauth is not None and self.auth not in OAUTH_AUTH_METHODS:
+            raise PydanticCustomError(
+                "oauth_unused",
+                f"oauth is used only with auth: xoauth2 or oauthbearer, not auth: {self.auth}",
+                {"gpopd_key": "oauth"},
+            )
         if self.auth in PASSWORD_AUTH_METHODS and self.password is None:
             raise PydanticCustomError(
                 "password_missing",
                 f"auth: {self.auth} needs a password",
                 {"gpopd_key": "password"},
+            )
+        if (
+            gmail.is_gmail_host(self.host)
+            and self.poll_interval < gmail.GMAIL_MIN_INTERVAL
+            and not self.allow_fast_polling
+        ):
+            raise PydanticCustomError(
+                "gmail_poll_interval",
+                "Gmail asks clients to wait 5 minutes between logins (LOGIN-DELAY 300) and "
+                "answers faster polling with a lockout; use at least 5m, or set "
+                "allow_fast_polling: true to insist",
+                {"gpopd_key": "poll_interval"},
             )
         if self.delete_after is not None and not self.keep:
             raise PydanticCustomError(

@@ -36,12 +36,20 @@ from gpopd.errors import (
     AuthError,
     ConfigError,
     MailboxBusyError,
+    RateLimitedError,
     ServerError,
     StoreError,
     TlsError,
     TransportError,
 )
-from gpopd.fetch import PollResult, StoreWorker, poll_account
+from gpopd.fetch import (
+    BEARER_METHODS,
+    PollResult,
+    StoreWorker,
+    TokenSource,
+    poll_account,
+    token_manager,
+)
 from gpopd.scheduler import Job, Outcome, PollReport, Scheduler
 from gpopd.sdnotify import Notifier
 from gpopd.session import TraceHook
@@ -73,7 +81,11 @@ def report_for(result: PollResult) -> PollReport:
         outcome = Outcome.BUSY
     else:
         outcome = Outcome.FAILED
-    return PollReport(outcome, login_delay=result.login_delay, detail=detail)
+    delay = result.login_delay
+    if isinstance(error, RateLimitedError):
+        # Gmail's "exceeded POP command or bandwidth limits": an hour at least.
+        delay = max(delay or 0.0, error.retry_after)
+    return PollReport(outcome, login_delay=delay, detail=detail)
 
 
 def jobs_for(settings: Settings) -> list[Job]:
@@ -100,6 +112,8 @@ class Daemon:
         self.settings: Settings | None = None
         self.results: dict[str, PollResult] = {}
         self._db: StoreWorker | None = None
+        self._tokens: TokenSource | None = None
+        self._refresher: asyncio.Task[None] | None = None
         self._scheduler: Scheduler | None = None
         self._stop = asyncio.Event()
         self._signals = 0
@@ -115,6 +129,7 @@ class Daemon:
         self.settings = settings
         self._db = StoreWorker(Store(settings.state_dir))
         await self._db.call(self._db.store.daemon_started, os.getpid(), time.time(), __version__)
+        self._start_token_refresh(settings)
         scheduler = Scheduler(
             self._poll,
             max_sessions=settings.max_sessions,
@@ -157,6 +172,20 @@ class Daemon:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def _start_token_refresh(self, settings: Settings) -> None:
+        """Keep OAuth2 access tokens fresh ahead of expiry, in the background."""
+        if self._refresher is not None:
+            self._refresher.cancel()
+            self._refresher = None
+        accounts = [a for a in settings.accounts.values() if a.auth in BEARER_METHODS]
+        if not accounts:
+            return
+        if self._tokens is None:
+            self._tokens = token_manager(settings.state_dir, self.environ)
+        self._refresher = asyncio.create_task(self._tokens.run_background(accounts))
+        self._tasks.add(self._refresher)
+        self._refresher.add_done_callback(self._tasks.discard)
+
     # ------------------------------------------------------------- polling
     async def _poll(self, name: str) -> PollReport:
         settings, db = self.settings, self._db
@@ -165,7 +194,9 @@ class Daemon:
         account = settings.accounts.get(name)
         if account is None:  # removed by a reload while it waited for a slot
             return PollReport(Outcome.OK)
-        result = await poll_account(account, db, settings.state_dir, trace=self.trace)
+        result = await poll_account(
+            account, db, settings.state_dir, trace=self.trace, tokens=self._tokens
+        )
         self.results[name] = result
         # The scheduler decides the next turn right after this returns.
         asyncio.get_running_loop().call_soon(self._spawn, self._save_schedule([name]))
@@ -284,6 +315,7 @@ class Daemon:
             self.results.pop(name, None)
         if self._scheduler is not None:
             self._scheduler.set_jobs(jobs_for(settings))
+        self._start_token_refresh(settings)
         log.info(
             "configuration reloaded",
             accounts=len(settings.accounts),

@@ -55,12 +55,16 @@ class ServerError(GpopdError):
     or ``None``; ``text`` is the rest of the server's line.
     """
 
-    def __init__(self, command: str, text: str, code: str | None = None) -> None:
+    def __init__(
+        self, command: str, text: str, code: str | None = None, *, hint: str | None = None
+    ) -> None:
         self.command = command
         self.text = text
         self.code = code
+        self.hint = hint
         shown = f"[{code}] {text}" if code else text
-        super().__init__(f"{command} failed: -ERR {shown}".rstrip())
+        message = f"{command} failed: -ERR {shown}".rstrip()
+        super().__init__(f"{message} ({hint})" if hint else message)
 
 
 class AuthError(ServerError):
@@ -69,6 +73,25 @@ class AuthError(ServerError):
 
 class MailboxBusyError(ServerError):
     """``[IN-USE]``, ``[LOGIN-DELAY]`` or ``[SYS/TEMP]``: back off and retry."""
+
+
+class RateLimitedError(MailboxBusyError):
+    """The server says the account polls too often (Gmail's "exceeded POP
+    command or bandwidth limits"): wait at least ``retry_after`` seconds."""
+
+    retry_after = 3600.0
+
+
+class TokenRejectedError(AuthError):
+    """The server refused an OAuth2 access token (SASL XOAUTH2/OAUTHBEARER).
+
+    ``status`` is the HTTP-like status from the server's JSON challenge
+    (``"400"``, ``"401"``) when it sent one.  A fresh token may succeed.
+    """
+
+    def __init__(self, command: str, text: str, status: str | None = None) -> None:
+        self.status = status
+        super().__init__(command, text, "AUTH")
 
 
 class DeliveryError(GpopdError):

@@ -10,22 +10,28 @@ exist and the heartbeat must be recent.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from gpopd.store import Store
+from gpopd.tokencache import token_status
 
 __all__ = [
     "HEARTBEAT_STALE_AFTER",
     "AccountStatus",
     "DaemonState",
     "DaemonStatus",
+    "OAuthStatus",
     "PollCounts",
+    "attach_oauth",
     "collect",
     "daemon_status",
     "format_bytes",
@@ -42,6 +48,8 @@ HEARTBEAT_STALE_AFTER = 180.0
 # The error column of the text table; the JSON output always has it whole.
 ERROR_WIDTH = 60
 JSON_FORMAT_VERSION = 1
+# Warn this long before a refresh token with a known end stops working.
+REFRESH_TOKEN_WARN_BEFORE = 2 * 86400.0
 
 
 class DaemonState(enum.Enum):
@@ -77,6 +85,27 @@ class PollCounts:
 
 
 @dataclass(frozen=True, slots=True)
+class OAuthStatus:
+    """An OAuth2 account's token times (from the token cache); never a token."""
+
+    source: str  # "refresh_token" or "access_token" (a source read for every session)
+    access_token_expires_at: float | None = None
+    last_refresh_at: float | None = None
+    refresh_token_obtained_at: float | None = None
+    refresh_token_expires_at: float | None = None
+
+    def warning(self, now: float) -> str | None:
+        end = self.refresh_token_expires_at
+        if end is None:
+            return None
+        if end <= now:
+            return f"refresh token expired {format_span(now - end)} ago: run gpopd auth"
+        if end - now < REFRESH_TOKEN_WARN_BEFORE:
+            return f"refresh token expires in {format_span(end - now)}: run gpopd auth"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
 class AccountStatus:
     name: str
     last_poll_at: float | None = None  # start of the newest finished poll
@@ -93,6 +122,7 @@ class AccountStatus:
     total_delivered: int = 0
     pending: int = 0
     skipped: int = 0
+    oauth: OAuthStatus | None = None
 
 
 def pid_alive(pid: int) -> bool:
@@ -175,6 +205,28 @@ def _account(
         skipped=len(store.skipped_uids(name, now)),
         **fields,
     )
+
+
+def attach_oauth(
+    accounts: Sequence[AccountStatus], state_dir: Path, sources: Mapping[str, str]
+) -> list[AccountStatus]:
+    """Add token times to the accounts named in ``sources`` (name -> token source kind)."""
+    result = []
+    for acc in accounts:
+        source = sources.get(acc.name)
+        if source is not None:
+            times = token_status(state_dir, acc.name)
+            oauth = OAuthStatus(
+                source,
+                access_token_expires_at=times["access_token_expires_at"],
+                last_refresh_at=times["last_refresh_at"],
+                refresh_token_obtained_at=times["refresh_token_obtained_at"],
+                refresh_token_expires_at=times["refresh_token_expires_at"],
+            )
+            result.append(dataclasses.replace(acc, oauth=oauth))
+        else:
+            result.append(acc)
+    return result
 
 
 # -- text -----------------------------------------------------------------------
@@ -317,7 +369,46 @@ def render_text(daemon: DaemonStatus, accounts: Sequence[AccountStatus], now: fl
         "since the daemon started; TOTAL: every message ever delivered",
         *_table(header, counters),
     ]
+    lines += _oauth_lines(accounts, now)
     return "\n".join(lines) + "\n"
+
+
+def _until(at: float | None, now: float, word: str) -> str:
+    if at is None:
+        return "-"
+    if at <= now:
+        return "expired" if word == "expires" else f"{word} {format_span(now - at)} ago"
+    return f"{word} in {format_span(at - now)}"
+
+
+def _oauth_lines(accounts: Sequence[AccountStatus], now: float) -> list[str]:
+    rows = []
+    for acc in accounts:
+        oauth = acc.oauth
+        if oauth is None:
+            continue
+        if oauth.source != "refresh_token":
+            rows.append([printable(acc.name), "from access_token, per session", "-", "-", "-", ""])
+            continue
+        age = (
+            f"{format_span(now - oauth.refresh_token_obtained_at)}"
+            if oauth.refresh_token_obtained_at is not None
+            else "unknown"
+        )
+        rows.append(
+            [
+                printable(acc.name),
+                _until(oauth.access_token_expires_at, now, "expires"),
+                _ago(oauth.last_refresh_at, now),
+                age,
+                _until(oauth.refresh_token_expires_at, now, "expires"),
+                oauth.warning(now) or "",
+            ]
+        )
+    if not rows:
+        return []
+    header = ["ACCOUNT", "ACCESS TOKEN", "LAST REFRESH", "REFRESH TOKEN AGE", "ENDS", "WARNING"]
+    return ["", "OAuth2 tokens", *_table(header, rows)]
 
 
 # -- JSON -----------------------------------------------------------------------
@@ -329,7 +420,7 @@ def _iso(at: float | None) -> str | None:
     return datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _account_json(acc: AccountStatus) -> dict[str, Any]:
+def _account_json(acc: AccountStatus, now: float) -> dict[str, Any]:
     since = acc.since_start
     return {
         "name": acc.name,
@@ -360,11 +451,30 @@ def _account_json(acc: AccountStatus) -> dict[str, Any]:
         "total_delivered": acc.total_delivered,
         "pending": acc.pending,
         "skipped": acc.skipped,
+        "oauth": _oauth_json(acc.oauth, now),
     }
 
 
-def render_json(daemon: DaemonStatus, accounts: Sequence[AccountStatus]) -> str:
+def _oauth_json(oauth: OAuthStatus | None, now: float) -> dict[str, Any] | None:
+    if oauth is None:
+        return None
+    obtained = oauth.refresh_token_obtained_at
+    return {
+        "source": oauth.source,
+        "access_token_expires_at": _iso(oauth.access_token_expires_at),
+        "last_refresh_at": _iso(oauth.last_refresh_at),
+        "refresh_token_obtained_at": _iso(obtained),
+        "refresh_token_age": None if obtained is None else round(now - obtained),
+        "refresh_token_expires_at": _iso(oauth.refresh_token_expires_at),
+        "warning": oauth.warning(now),
+    }
+
+
+def render_json(
+    daemon: DaemonStatus, accounts: Sequence[AccountStatus], now: float | None = None
+) -> str:
     """One JSON document, keys sorted, times in ISO 8601 UTC; ``format`` versions it."""
+    now = time.time() if now is None else now
     document = {
         "format": JSON_FORMAT_VERSION,
         "daemon": {
@@ -375,6 +485,6 @@ def render_json(daemon: DaemonStatus, accounts: Sequence[AccountStatus]) -> str:
             "version": daemon.version,
             "heartbeat_at": _iso(daemon.heartbeat_at),
         },
-        "accounts": [_account_json(acc) for acc in accounts],
+        "accounts": [_account_json(acc, now) for acc in accounts],
     }
     return json.dumps(document, sort_keys=True, indent=2) + "\n"

@@ -173,7 +173,11 @@ class Transport:
                 f"TLS certificate of {host}:{port} rejected: {exc.verify_message}"
             ) from exc
         except ssl.SSLError as exc:
-            raise TlsError(f"TLS handshake with {host}:{port} failed: {exc.reason}") from exc
+            # Not a TlsError: one byte damaged in transit fails the handshake
+            # with any reason (bad record MAC, a garbled ServerHello...), and a
+            # TlsError would park the account for a person.  It fails before
+            # any credential either way; only the retry schedule differs.
+            raise TransportError(f"TLS handshake with {host}:{port} failed: {exc.reason}") from exc
         except OSError as exc:
             if tls is not None and isinstance(exc, ConnectionResetError):
                 # A server that cannot agree on TLS >= 1.2 (or any TLS at all)
@@ -261,8 +265,15 @@ class Transport:
             raise TlsError(
                 f"TLS certificate of {self.host} rejected: {exc.verify_message}"
             ) from exc
-        except (ssl.SSLError, ConnectionError, TimeoutError) as exc:
+        except ssl.SSLError as exc:
+            # Plaintext where the handshake should be is the injection signature.
             raise TlsError(f"STLS handshake with {self.host} failed: {exc}") from exc
+        except TimeoutError as exc:
+            raise ConnectTimeout(
+                f"STLS handshake with {self.host} took longer than {handshake_timeout:g}s"
+            ) from exc
+        except ConnectionError as exc:
+            raise TransportError(f"STLS handshake with {self.host} failed: {exc}") from exc
         if new_transport is None:
             raise TlsError(f"STLS handshake with {self.host} failed: connection closed")
         protocol.transport = new_transport

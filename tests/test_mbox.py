@@ -33,6 +33,7 @@ from gpopd.delivery.mbox import (
     from_line,
     parse_journal,
 )
+from gpopd.delivery.mboxlock import create_dotlock_in_place
 from gpopd.errors import TemporaryDeliveryError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -817,10 +818,10 @@ async def test_locks_are_held_during_the_append(
 def test_dotlock_without_o_tmpfile(tmp_path: Path) -> None:
     """The fallback for filesystems without O_TMPFILE creates the lock once, with its owner."""
     lock = tmp_path / "inbox.lock"
-    inode = mbox_module._create_dotlock_in_place(lock, b"123:host")
+    inode = create_dotlock_in_place(lock, b"123:host")
     assert inode == lock.stat().st_ino
     assert lock.read_bytes() == b"123:host"
-    assert mbox_module._create_dotlock_in_place(lock, b"456:host") is None
+    assert create_dotlock_in_place(lock, b"456:host") is None
     assert lock.read_bytes() == b"123:host"
 
 

@@ -17,7 +17,7 @@ message back entirely; a 4xx after the data makes the message temporary even
 though other recipients have stored it: at the next poll it goes to every
 recipient again, and those may get it twice.  The same duplicate window as
 SMTP's applies to a connection lost, or gpopd killed, after the final "."
-(see ``gpopd.delivery.smtp``); LMTP keeps nothing ``find_delivered()`` could
+(see ``gpopd.delivery.relay``); LMTP keeps nothing ``find_delivered()`` could
 look up.
 """
 
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Self
 
 from gpopd.config import LmtpDelivery
-from gpopd.delivery.smtp import (
+from gpopd.delivery.relay import (
     RelayDestination,
     RelayDropped,
     RelaySessionFailed,
@@ -182,7 +182,9 @@ class LmtpDestination(RelayDestination):
         local_hostname: str | None = None,
     ) -> None:
         where = cfg.socket if cfg.socket is not None else f"{cfg.host}:{cfg.port}"
-        super().__init__(f"lmtp:{where}", cfg.recipient, cfg.sender, spool_dir)
+        super().__init__(
+            f"lmtp:{where}", cfg.recipient, cfg.sender, spool_dir, cfg.recipient_header
+        )
         self.cfg = cfg
         hostname = local_hostname or socket.gethostname()
         self._hostname = hostname if _HOSTNAME.fullmatch(hostname) else "localhost"
@@ -212,7 +214,8 @@ class LmtpDestination(RelayDestination):
             raise RelayDropped("no connection")
         parameters = self._mail_parameters(item, sender, connection.extensions.keys())
         mail = " ".join([f"MAIL FROM:<{sender}>", *parameters]).encode()
-        rcpts = [f"RCPT TO:<{r}>".encode() for r in self._recipients]
+        recipients = self._recipients_for(item)
+        rcpts = [f"RCPT TO:<{r}>".encode() for r in recipients]
         try:
             if "PIPELINING" in connection.extensions:
                 await connection.send(b"".join(c + b"\r\n" for c in (mail, *rcpts)))
@@ -236,7 +239,7 @@ class LmtpDestination(RelayDestination):
             await self._reset(connection)
             what = f"{self.name}: MAIL FROM:<{sender}> refused: {replies[0]}"
             raise delivery_error(replies[0].code, what)
-        results = dict(zip(self._recipients, replies[1:], strict=True))
+        results = dict(zip(recipients, replies[1:], strict=True))
         accepted = [r for r, reply in results.items() if reply.positive]
         if not accepted or any(_temporary(reply) for reply in results.values()):
             # Deliver to none now, to every recipient at the next poll.

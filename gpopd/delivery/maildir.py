@@ -38,6 +38,7 @@ from gpopd.delivery.base import (
     account_tag,
 )
 from gpopd.errors import DeliveryError, TemporaryDeliveryError
+from gpopd.failpoints import failpoint
 
 __all__ = ["BUFFER_SIZE", "MaildirDestination", "MaildirStaged", "parse_key"]
 
@@ -335,6 +336,7 @@ class MaildirDestination(Destination):
                     )
                 )
                 continue
+            failpoint("after-spool-fsync")
             try:
                 self._link_into_new(tmp_path, os.path.join(self._new, item.filename))
             except OSError as exc:
@@ -345,6 +347,7 @@ class MaildirDestination(Destination):
                     )
                 )
                 continue
+            failpoint("after-link")
             errors.append(None)
             linked = True
         if linked:
@@ -360,6 +363,8 @@ class MaildirDestination(Destination):
                     f"{self.name}: fsync of {self._new} failed: {_describe(exc)}"
                 )
                 errors = [failure if error is None else error for error in errors]
+            else:
+                failpoint("after-dir-fsync")
         return [CommitResult(item, error) for (item, _), error in zip(claimed, errors, strict=True)]
 
     @staticmethod

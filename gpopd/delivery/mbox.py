@@ -8,10 +8,8 @@ the record in an unnamed spool file while RETR streams, hashing it on the
 way, so a commit only copies bytes.
 
 A commit takes an fcntl lock on the mbox and then the dotlock
-``<mbox>.lock`` (that order, as Debian policy asks; neither is held while
-waiting for the other).  The dotlock holds ``<pid>:<host>`` (Dovecot's
-format): one left by a dead process of this host is broken at once, any
-other once older than ``STALE_LOCK_AGE``.  Then, for the whole window:
+``<mbox>.lock`` (see ``gpopd.delivery.mboxlock``).  Then, for the whole
+window (the journal's format is in ``gpopd.delivery.mboxjournal``):
 
 1. append a sealed block to the journal ``.<name>.gpopd-journal`` next to
    the mbox, one entry per record (key, offset, length, SHA-256); fsync;
@@ -34,14 +32,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import fcntl
 import hashlib
 import os
 import re
 import socket
 import string
-import threading
 import time
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -50,8 +45,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gpopd.delivery.base import CommitResult, Destination, MessageInfo, Staged, Writer
-from gpopd.delivery.spool import CHUNK_SIZE, SpooledMessage, SpoolWriter
+from gpopd.delivery.mboxjournal import (
+    JournalBlock,
+    JournalEntry,
+    compact,
+    delivered,
+    format_block,
+    parse_journal,
+    read_journal,
+    settle,
+)
+from gpopd.delivery.mboxjournal import fsync as _fsync
+from gpopd.delivery.mboxjournal import open_private as _open_private
+from gpopd.delivery.mboxjournal import pwrite_all as _pwrite_all
+from gpopd.delivery.mboxjournal import write_all as _write_all
+from gpopd.delivery.mboxlock import LOCK_TIMEOUT, STALE_LOCK_AGE, MboxLocker, process_guard
+from gpopd.delivery.mboxlock import describe as _describe
+from gpopd.delivery.spool import SpooledMessage, SpoolWriter
 from gpopd.errors import DeliveryError, TemporaryDeliveryError
+from gpopd.failpoints import failpoint
 
 if TYPE_CHECKING:
     from gpopd.config import MboxDelivery
@@ -70,12 +82,6 @@ __all__ = [
     "parse_journal",
 ]
 
-# Long enough for a MUA to rewrite a large mbox, short enough that a poll
-# gives up while the messages are still safe on the server.
-LOCK_TIMEOUT = 30.0
-# A dotlock this old is stale whoever wrote it (procmail waits 1024 s);
-# one left by a dead process of this host is broken at once.
-STALE_LOCK_AGE = 600.0
 # Per account: far more than the windows a poll can commit before the
 # store records them (one, plus one more if recording fails).
 JOURNAL_HISTORY = 1000
@@ -88,98 +94,15 @@ _SAFE_SENDER = frozenset(string.ascii_letters + string.digits + "!#$%&'*+-./=?^_
 _FROM_LINE = re.compile(rb"^(>*From )", re.MULTILINE)
 _FROM_PREFIX = re.compile(rb">*(?:F(?:r(?:o(?:m)?)?)?)?")
 _NULL_PATH = re.compile(r"\s*<\s*>\s*")
-_LOCK_OWNER = re.compile(rb"\s*(\d+)(?::([^\s]*))?\s*")
-
-_JOURNAL_HEADER = b"gpopd-mbox-journal 1\n"
-_BLOCK = re.compile(rb"B (\d{1,20}) (\d{1,9})\n")
-_ENTRY = re.compile(rb"E ([0-9a-f]{32}) (\d{1,20}) (\d{1,20}) ([0-9a-f]{64})\n")
-_SEAL = re.compile(rb"S ([0-9a-f]{64})\n")
-_COMMIT = re.compile(rb"C (\d{1,9})\n")
 _KEY = re.compile(r"[0-9a-f]{32}")
-_CLEAN_TAIL = re.compile(rb"\nC \d{1,9}\n\Z")
 
 _OPEN_FLAGS = os.O_RDWR | os.O_CLOEXEC
-_guards: dict[str, threading.Lock] = {}
-_guards_lock = threading.Lock()
-
-
-def _describe(exc: OSError) -> str:
-    return exc.strerror or str(exc)
-
-
-def _process_guard(path: str) -> threading.Lock:
-    # fcntl locks belong to the process, so two polls of this process
-    # sharing an mbox are kept apart here.
-    with _guards_lock:
-        return _guards.setdefault(path, threading.Lock())
 
 
 def _close(fd: int) -> None:
     # Everything that matters was fsync'd before; a failing close changes nothing.
     with contextlib.suppress(OSError):
         os.close(fd)
-
-
-def _fsync(fd: int) -> None:
-    os.fsync(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        _fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    with memoryview(data) as view:
-        done = 0
-        while done < len(view):
-            with view[done:] as rest:
-                done += os.write(fd, rest)
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    with memoryview(data) as view:
-        done = 0
-        while done < len(view):
-            with view[done:] as rest:
-                done += os.pwrite(fd, rest, offset + done)
-
-
-def _digest(fd: int, offset: int, length: int) -> str:
-    sha = hashlib.sha256()
-    while length > 0:
-        chunk = os.pread(fd, min(length, CHUNK_SIZE), offset)
-        if not chunk:
-            break
-        sha.update(chunk)
-        offset += len(chunk)
-        length -= len(chunk)
-    return sha.hexdigest()
-
-
-def _open_private(path: Path, flags: int) -> int:
-    """Open ``path``, creating it 0600 (and making that durable) if missing."""
-    while True:
-        try:
-            return os.open(path, flags)
-        except FileNotFoundError:
-            pass
-        try:
-            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            continue
-        try:
-            # O_CREAT's mode is filtered by the umask; mail is for the owner only.
-            if os.fstat(fd).st_mode & 0o777 != 0o600:
-                os.fchmod(fd, 0o600)
-            _fsync_dir(path.parent)
-        except OSError:
-            os.close(fd)
-            raise
-        return fd
 
 
 class FromQuoter:
@@ -257,76 +180,6 @@ def envelope_sender(header: bytes) -> str:
 def from_line(sender: str, when: float) -> bytes:
     """The ``From `` separator line (RFC 4155) for ``sender`` at ``when`` (UTC)."""
     return f"From {sender} {time.asctime(time.gmtime(when))}\n".encode("ascii")
-
-
-@dataclass(frozen=True, slots=True)
-class JournalEntry:
-    """One record of a window: where it went in the mbox and what it was."""
-
-    key: str
-    offset: int
-    length: int
-    digest: str
-
-
-@dataclass
-class JournalBlock:
-    """The records of one commit window; ``committed`` is None while it is cut short."""
-
-    inode: int
-    entries: list[JournalEntry]
-    committed: int | None
-
-
-def _format_block(inode: int, entries: Sequence[JournalEntry]) -> bytes:
-    lines = [b"B %d %d\n" % (inode, len(entries))]
-    lines += [f"E {e.key} {e.offset} {e.length} {e.digest}\n".encode("ascii") for e in entries]
-    body = b"".join(lines)
-    return body + b"S " + hashlib.sha256(body).hexdigest().encode("ascii") + b"\n"
-
-
-def _parse_block(data: bytes, pos: int) -> tuple[JournalBlock | None, int]:
-    match = _BLOCK.match(data, pos)
-    if match is None:
-        return None, pos
-    inode, count = int(match[1]), int(match[2])
-    end = match.end()
-    entries: list[JournalEntry] = []
-    for _ in range(count):
-        entry = _ENTRY.match(data, end)
-        if entry is None:
-            return None, pos
-        entries.append(
-            JournalEntry(entry[1].decode(), int(entry[2]), int(entry[3]), entry[4].decode())
-        )
-        end = entry.end()
-    seal = _SEAL.match(data, end)
-    if seal is None or seal[1].decode() != hashlib.sha256(data[pos:end]).hexdigest():
-        return None, pos  # torn while being written: the mbox was not touched yet
-    commit = _COMMIT.match(data, seal.end())
-    if commit is not None and int(commit[1]) <= count:
-        return JournalBlock(inode, entries, int(commit[1])), commit.end()
-    return JournalBlock(inode, entries, None), seal.end()
-
-
-def parse_journal(data: bytes) -> tuple[list[JournalBlock], int]:
-    """The valid blocks of a journal and where its valid part ends."""
-    if not data.startswith(_JOURNAL_HEADER):
-        raise ValueError("not a gpopd mbox journal")
-    blocks: list[JournalBlock] = []
-    pos = len(_JOURNAL_HEADER)
-    while True:
-        block, end = _parse_block(data, pos)
-        if block is None:
-            return blocks, pos
-        blocks.append(block)
-        pos = end
-        if block.committed is None:
-            return blocks, pos  # only the last block can be cut short
-
-
-def _delivered(blocks: Sequence[JournalBlock]) -> list[JournalEntry]:
-    return [e for b in blocks for e in b.entries[: b.committed or 0]]
 
 
 @dataclass(eq=False)
@@ -501,12 +354,14 @@ class MboxDestination(Destination):
     def _find(self, wanted: set[str]) -> set[str]:
         with self._locked() as locked:
             try:
-                blocks, _ = self._read_journal(locked.journal_fd, locked.journal_end)
+                blocks, _ = read_journal(
+                    locked.journal_fd, locked.journal_end, self.name, self._journal
+                )
             except OSError as exc:
                 raise TemporaryDeliveryError(
                     f"{self.name}: cannot read {self._journal}: {_describe(exc)}"
                 ) from exc
-        return wanted & {entry.key for entry in _delivered(blocks)}
+        return wanted & {entry.key for entry in delivered(blocks)}
 
     def _commit(self, claimed: list[tuple[MboxStaged, SpooledMessage]]) -> list[CommitResult]:
         try:
@@ -535,7 +390,7 @@ class MboxDestination(Destination):
         for item, _ in claimed:
             entries.append(JournalEntry(item.info.key, offset, item.length, item.digest))
             offset += item.length
-        block = _format_block(stat.st_ino, entries)
+        block = format_block(stat.st_ino, entries)
         try:
             _pwrite_all(jfd, block, jend)
             _fsync(jfd)
@@ -543,6 +398,7 @@ class MboxDestination(Destination):
             with contextlib.suppress(OSError):
                 os.ftruncate(jfd, jend)
             return self._failed(len(claimed), f"cannot write {self._journal}", exc)
+        failpoint("after-journal-seal")
         jend += len(block)
         written = 0
         failure: tuple[str, OSError] | None = None
@@ -571,6 +427,8 @@ class MboxDestination(Destination):
             except OSError:
                 # The block stays cut short; the next holder of the locks settles it.
                 return self._failed(len(claimed), *failure)
+        else:
+            failpoint("after-append-fsync")
         line = b"C %d\n" % kept
         try:
             _pwrite_all(jfd, line, jend)
@@ -580,8 +438,17 @@ class MboxDestination(Destination):
             # of the locks settles the block from the mbox itself.
             pass
         else:
+            failpoint("after-journal-commit")
             if jend + len(line) > JOURNAL_COMPACT_SIZE:
-                self._compact(jfd, jend + len(line), stat.st_ino)
+                size = jend + len(line)
+                compact(
+                    jfd,
+                    size,
+                    stat.st_ino,
+                    name=self.name,
+                    path=self._journal,
+                    history=JOURNAL_HISTORY,
+                )
         results: list[DeliveryError | None] = [None] * kept
         if failure is not None:
             results += self._failed(len(claimed) - kept, *failure)
@@ -591,91 +458,6 @@ class MboxDestination(Destination):
         return [
             TemporaryDeliveryError(f"{self.name}: {what}: {_describe(exc)}") for _ in range(count)
         ]
-
-    # -- the journal -----------------------------------------------------------
-
-    def _read_journal(self, jfd: int, size: int) -> tuple[list[JournalBlock], int]:
-        data = bytearray()
-        while len(data) < size and (chunk := os.pread(jfd, size - len(data), len(data))):
-            data += chunk
-        try:
-            return parse_journal(bytes(data))
-        except ValueError:
-            # Starting afresh would forget which records are already in the mbox.
-            raise TemporaryDeliveryError(
-                f"{self.name}: {self._journal} is not a gpopd mbox journal; "
-                "move it away only after checking the mbox"
-            ) from None
-
-    def _settle(self, fd: int, jfd: int) -> int:
-        """Settle a cut append, if the journal shows one; return where the journal ends."""
-        size = os.fstat(jfd).st_size
-        if size == 0:
-            _pwrite_all(jfd, _JOURNAL_HEADER, 0)
-            _fsync(jfd)
-            return len(_JOURNAL_HEADER)
-        tail = os.pread(jfd, 64, max(0, size - 64))
-        if _CLEAN_TAIL.search(tail) or (size == len(_JOURNAL_HEADER) and tail == _JOURNAL_HEADER):
-            return size
-        blocks, end = self._read_journal(jfd, size)
-        if blocks and blocks[-1].committed is None:
-            line = b"C %d\n" % self._present(fd, blocks[-1])
-            _pwrite_all(jfd, line, end)
-            end += len(line)
-        # Whatever follows the valid part was torn before the mbox was touched.
-        os.ftruncate(jfd, end)
-        _fsync(jfd)
-        return end
-
-    def _present(self, fd: int, block: JournalBlock) -> int:
-        """How many records of a cut append are whole; cut the file after them."""
-        stat = os.fstat(fd)
-        if stat.st_ino != block.inode or not block.entries:
-            return 0  # the mbox was replaced: the records, if any, are not in this file
-        last = block.entries[-1]
-        # Bytes past the window were appended by someone else after our
-        # dotlock went stale: nothing of theirs may be cut.
-        foreign = stat.st_size > last.offset + last.length
-        count = 0
-        for entry in block.entries:
-            end = entry.offset + entry.length
-            if stat.st_size >= end and _digest(fd, entry.offset, entry.length) == entry.digest:
-                count += 1
-                continue
-            if not foreign and stat.st_size > entry.offset:
-                os.ftruncate(fd, entry.offset)
-                _fsync(fd)
-            break
-        return count
-
-    def _compact(self, jfd: int, size: int, inode: int) -> None:
-        try:
-            blocks, _ = self._read_journal(jfd, size)
-        except TemporaryDeliveryError:
-            return
-        kept: list[JournalEntry] = []
-        per_account: dict[str, int] = {}
-        for entry in reversed(_delivered(blocks)):
-            tag = entry.key[:8]
-            if per_account.get(tag, 0) < JOURNAL_HISTORY:
-                per_account[tag] = per_account.get(tag, 0) + 1
-                kept.append(entry)
-        kept.reverse()
-        data = _JOURNAL_HEADER + _format_block(inode, kept) + b"C %d\n" % len(kept)
-        new = self._journal.with_name(self._journal.name + ".new")
-        try:
-            fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                _write_all(fd, data)
-                _fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(new, self._journal)
-            _fsync_dir(self._journal.parent)
-        except OSError:
-            # The old journal is still whole; compaction is tried again next time.
-            with contextlib.suppress(OSError):
-                os.unlink(new)
 
     # -- locking -----------------------------------------------------------------
 
@@ -692,7 +474,7 @@ class MboxDestination(Destination):
     def _locked(self) -> Iterator[_Locked]:
         """Hold the mbox (fcntl lock and dotlock) with any cut append settled."""
         real = self._real
-        guard = _process_guard(str(real))
+        guard = process_guard(str(real))
         deadline = time.monotonic() + self.lock_timeout
         with contextlib.ExitStack() as stack:
             if not guard.acquire(timeout=self.lock_timeout):
@@ -708,150 +490,15 @@ class MboxDestination(Destination):
                     f"{self.name}: cannot open {real}: {_describe(exc)}"
                 ) from exc
             stack.callback(_close, fd)  # also releases the fcntl lock
-            stack.callback(self._unlock, real, self._lock(fd, real, deadline))
+            locker = MboxLocker(self.name, self.lock_timeout, self.stale_lock_age, self._host)
+            stack.callback(locker.unlock, real, locker.lock(fd, real, deadline))
             journal = self._journal
             try:
                 jfd = _open_private(journal, _OPEN_FLAGS)
                 stack.callback(_close, jfd)
-                end = self._settle(fd, jfd)
+                end = settle(fd, jfd, self.name, journal)
             except OSError as exc:
                 raise TemporaryDeliveryError(
                     f"{self.name}: cannot recover with {journal}: {_describe(exc)}"
                 ) from exc
             yield _Locked(fd, jfd, end)
-
-    def _lock(self, fd: int, real: Path, deadline: float) -> int:
-        delay = 0.01
-        while True:
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno not in (errno.EACCES, errno.EAGAIN):
-                    raise TemporaryDeliveryError(
-                        f"{self.name}: cannot lock {real}: {_describe(exc)}"
-                    ) from exc
-                holder = f"another process holds an fcntl lock on {real}"
-            else:
-                inode, holder = self._dotlock(Path(f"{real}.lock"))
-                if inode is not None:
-                    return inode
-                fcntl.lockf(fd, fcntl.LOCK_UN)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TemporaryDeliveryError(
-                    f"{self.name}: gave up after {self.lock_timeout:g} s: {holder}"
-                )
-            time.sleep(min(delay, remaining))
-            delay = min(delay * 2, 0.25)
-
-    def _dotlock(self, lock: Path) -> tuple[int | None, str]:
-        """Create the dotlock (breaking a stale one); its inode, or who holds it."""
-        # Dovecot's format: lets a process of this host see that we died.
-        content = f"{os.getpid()}:{self._host}".encode()
-        for _ in range(3):
-            try:
-                inode = _create_dotlock(lock, content)
-            except OSError as exc:
-                raise TemporaryDeliveryError(
-                    f"{self.name}: cannot create {lock}: {_describe(exc)}"
-                ) from exc
-            if inode is not None:
-                return inode, ""
-            holder = self._stale(lock)
-            if holder is not None:
-                return None, holder
-        return None, f"{lock} keeps coming back"
-
-    def _stale(self, lock: Path) -> str | None:
-        """Remove ``lock`` if it is stale; otherwise say who holds it."""
-        try:
-            lfd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            return f"{lock} exists and cannot be read: {_describe(exc)}"
-        try:
-            stat = os.fstat(lfd)
-            owner = _LOCK_OWNER.fullmatch(os.read(lfd, 256))
-        except OSError as exc:
-            return f"{lock} exists and cannot be read: {_describe(exc)}"
-        finally:
-            os.close(lfd)
-        age = time.time() - stat.st_mtime
-        pid = int(owner[1]) if owner else 0
-        host = owner[2].decode("utf-8", "replace") if owner and owner[2] else None
-        dead = pid > 0 and host == self._host and not _alive(pid)
-        if not dead and age <= self.stale_lock_age:
-            by = f" by pid {pid}" + (f" on {host}" if host else "") if pid else ""
-            return f"{lock} is held{by} ({age:.0f} s old)"
-        with contextlib.suppress(OSError):
-            # Only the lock judged stale: another process may have just
-            # broken it and taken a fresh one.
-            if os.lstat(lock).st_ino == stat.st_ino:
-                os.unlink(lock)
-        return None
-
-    def _unlock(self, real: Path, inode: int) -> None:
-        lock = Path(f"{real}.lock")
-        with contextlib.suppress(OSError):
-            if os.lstat(lock).st_ino == inode:
-                os.unlink(lock)
-
-
-def _create_dotlock(lock: Path, content: bytes) -> int | None:
-    """Create ``lock`` holding ``content``; its inode, or None if it exists.
-
-    The file is written unnamed and then linked into place, so a crash
-    cannot leave an empty lock that nobody can tell is stale.
-    """
-    try:
-        fd = os.open(lock.parent, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
-    except OSError:
-        return _create_dotlock_in_place(lock, content)  # no O_TMPFILE here (e.g. NFS)
-    try:
-        os.write(fd, content)
-        dirfd = os.open(lock.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            # With a dir fd os.link() is linkat(AT_SYMLINK_FOLLOW), which
-            # links the unnamed file itself rather than the /proc symlink.
-            os.link(f"/proc/self/fd/{fd}", lock.name, dst_dir_fd=dirfd)
-        except FileExistsError:
-            return None
-        except OSError:
-            return _create_dotlock_in_place(lock, content)  # no /proc
-        finally:
-            os.close(dirfd)
-        return os.fstat(fd).st_ino
-    finally:
-        os.close(fd)
-
-
-def _create_dotlock_in_place(lock: Path, content: bytes) -> int | None:
-    # A crash between creating and writing leaves an empty lock, broken
-    # only once it is older than the stale age.
-    try:
-        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        return None
-    try:
-        os.write(fd, content)
-        return os.fstat(fd).st_ino
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(lock)
-        raise
-    finally:
-        os.close(fd)
-
-
-def _alive(pid: int) -> bool:
-    # The guard is ours, so a dotlock naming this process is a leftover.
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -47,6 +47,7 @@ from gpopd.errors import (
     PermanentDeliveryError,
     TemporaryDeliveryError,
 )
+from gpopd.failpoints import failpoint
 
 if TYPE_CHECKING:
     from gpopd.config import MdaDelivery
@@ -417,7 +418,10 @@ class MdaDestination(Destination):
                     results.append(CommitResult(item, exc))
                     continue
                 runs.append(run)
-                results.append(CommitResult(item, self._verdict(run)))
+                verdict = self._verdict(run)
+                if verdict is None:
+                    failpoint("after-mda-exit")
+                results.append(CommitResult(item, verdict))
                 if run.timed_out:
                     stalled = run
         finally:

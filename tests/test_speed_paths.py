@@ -1,0 +1,115 @@
+"""The throughput paths: RETR refills in batches, commit windows overlap where safe."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from gpopd import fetch
+from gpopd.config import load_config
+from gpopd.delivery.base import CommitResult, Staged
+from gpopd.delivery.memory import MemoryDestination
+from gpopd.fetch import StoreWorker, poll_account, poll_once
+from gpopd.store import Store
+from gpopd.transport import Transport
+from tests.support.corpus import small_corpus
+from tests.support.fakepop import FakePop3
+from tests.support.gpopd_config import AccountSpec, write_config
+
+SMALL = small_corpus(300, seed=5, size=1024)
+
+
+def spec_for(server: FakePop3, tmp_path: Path) -> AccountSpec:
+    return AccountSpec(
+        "alice",
+        server.port,
+        server.user,
+        server.password,
+        tmp_path / "Maildir",
+        tls="none",
+    )
+
+
+async def test_small_messages_are_requested_in_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """300 small messages cost a handful of RETR writes, not one write per message."""
+    retr_writes = 0
+    real_write = Transport.write
+
+    def counting_write(self: Transport, data: bytes) -> None:
+        nonlocal retr_writes
+        if data.startswith(b"RETR "):
+            retr_writes += 1
+        real_write(self, data)
+
+    monkeypatch.setattr(Transport, "write", counting_write)
+    async with FakePop3(SMALL) as server:
+        settings = load_config(write_config(tmp_path, [spec_for(server, tmp_path)]), environ={})
+        [result] = await poll_once(settings)
+    assert result.ok, result.error
+    assert result.delivered == len(SMALL)
+    assert server.commands.count("RETR") == len(SMALL)
+    # One write of 100 at the start, then one of about 50 each time half
+    # the window has been read.
+    assert retr_writes <= 8
+
+
+class SlowMemory(MemoryDestination):
+    """A memory destination whose commits take a while and record their overlap."""
+
+    def __init__(self, *, exactly_once: bool) -> None:
+        super().__init__()
+        self.exactly_once = exactly_once
+        self.running = 0
+        self.most_at_once = 0
+
+    async def commit(self, staged: Sequence[Staged]) -> list[CommitResult]:
+        self.running += 1
+        self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            await asyncio.sleep(0.02)
+            return await super().commit(staged)
+        finally:
+            self.running -= 1
+
+
+async def poll_into(tmp_path: Path, destination: SlowMemory) -> fetch.PollResult:
+    async with FakePop3(SMALL[:60]) as server:
+        settings = load_config(write_config(tmp_path, [spec_for(server, tmp_path)]), environ={})
+        db = StoreWorker(Store(settings.state_dir))
+        try:
+            return await poll_account(
+                settings.accounts["alice"], db, settings.state_dir, destination=destination
+            )
+        finally:
+            await db.close()
+
+
+async def test_exactly_once_windows_overlap_two_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exactly-once destination gets two windows to commit at once, never three."""
+    monkeypatch.setattr(fetch, "MAX_COMMIT_WINDOW", 4)
+    destination = SlowMemory(exactly_once=True)
+    result = await poll_into(tmp_path, destination)
+    assert result.ok, result.error
+    assert result.delivered == 60
+    assert len(destination.messages) == 60
+    assert destination.most_at_once == fetch.MAX_COMMITS_IN_FLIGHT == 2
+
+
+async def test_at_least_once_destinations_commit_one_message_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A destination without exactly-once commits never overlaps: one message may be in doubt."""
+    monkeypatch.setattr(fetch, "MAX_COMMIT_WINDOW", 4)
+    destination = SlowMemory(exactly_once=False)
+    result = await poll_into(tmp_path, destination)
+    assert result.ok, result.error
+    assert result.delivered == 60
+    assert destination.most_at_once == 1
+    assert destination.commits == 60
