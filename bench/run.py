@@ -37,7 +37,7 @@ import trustme  # noqa: E402
 from bench import scenarios as scen  # noqa: E402
 from bench.measure import run_measured  # noqa: E402
 from bench.report import RunResult, summarise, table, write_json  # noqa: E402
-from bench.tools import CLIENTS, TOOLS, Job, Mailbox, Server, Tool  # noqa: E402
+from bench.tools import CLIENTS, TOOLS, Job, Mailbox, Server, SmtpSink, Tool  # noqa: E402
 from bench.verify import Check, Expected, check_count, check_maildir  # noqa: E402
 from tests.support.certs import TestPKI  # noqa: E402
 from tests.support.certs import make_pki as make_test_pki  # noqa: E402
@@ -110,6 +110,34 @@ def delay_proxy(target_port: int, delay_ms: float, log_path: Path) -> Iterator[i
             process.stdout.close()
 
 
+@contextlib.contextmanager
+def smtp_sink(root: Path, log_path: Path) -> Iterator[SmtpSink]:
+    """Run bench/smtpsink.py filing mail under ``root``; yield where it listens."""
+    with log_path.open("wb") as errors:
+        process = subprocess.Popen(
+            [sys.executable, str(REPO / "bench" / "smtpsink.py"), "--root", str(root)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            start_new_session=True,
+        )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline().decode()
+        if not line.startswith("READY "):
+            raise RuntimeError(f"SMTP sink did not start: {log_path.read_text()}")
+        yield SmtpSink(int(line.split()[1]), root)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=PROXY_START_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+
+
 class Bench:
     """The Dovecot, the mailboxes and the runs of one benchmark invocation."""
 
@@ -121,6 +149,7 @@ class Bench:
         self.results: list[RunResult] = []
         self.server: Server | None = None
         self.proxy_server: Server | None = None
+        self.smtp: SmtpSink | None = None
 
     def fill(self, dovecot: Dovecot, specs: list[scen.MailboxSpec]) -> None:
         secrets = self.work / "secrets"
@@ -147,7 +176,7 @@ class Bench:
         server = self.proxy_server if scenario.via_proxy else self.server
         assert server is not None
         boxes = tuple(self.mailboxes[spec.user] for spec in scenario.mailboxes)
-        return Job(run_dir, server, boxes)
+        return Job(run_dir, server, boxes, self.smtp if scenario.delivery == "smtp" else None)
 
     def warm_up(self, scenario: scen.Scenario) -> None:
         """Read every message once so Dovecot's indexes and the page cache are built."""
@@ -182,6 +211,9 @@ class Bench:
             check.problem(f"exit status {m.returncode}")
         if not self.keep:
             shutil.rmtree(run_dir / "mail", ignore_errors=True)
+            for box in job.mailboxes:
+                if job.smtp is not None:
+                    shutil.rmtree(job.delivered(box), ignore_errors=True)
         return RunResult(
             scenario=scenario.name,
             tool=tool.name,
@@ -213,7 +245,9 @@ class Bench:
         check = Check()
         for box in job.mailboxes:
             check.merge(
-                check_maildir(job.maildir(box), self.expected[box.user], byte_exact=tool.byte_exact)
+                check_maildir(
+                    job.delivered(box), self.expected[box.user], byte_exact=tool.byte_exact
+                )
             )
         return check
 
@@ -313,10 +347,12 @@ def run(args: argparse.Namespace) -> int:
                 delay_proxy(dovecot.pop3s_port, args.delay_ms, work / "delayproxy.log")
             )
             bench.proxy_server = Server(port, ca_file)
+        if any(s.delivery == "smtp" for s in args.selected):
+            bench.smtp = stack.enter_context(smtp_sink(work / "sink", work / "smtpsink.log"))
         bench.fill(dovecot, list(specs.values()))
         for scenario in args.selected:
-            if scenario.delivery != "maildir":
-                log(f"{scenario.name}: delivery {scenario.delivery} is not supported yet")
+            if scenario.delivery not in ("maildir", "smtp"):
+                log(f"{scenario.name}: delivery {scenario.delivery} is not supported")
                 continue
             tools = [TOOLS[n] for n in tools_for(scenario, args) if n not in skipped]
             log(f"== {scenario.name}: {scenario.description}")

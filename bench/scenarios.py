@@ -44,8 +44,7 @@ class Scenario:
     via_proxy: bool = False
     #: Scenario whose gpopd wall time is the ratio's denominator.
     baseline: str | None = None
-    #: Where the tools deliver.  Only "maildir" exists; an SMTP scenario
-    #: (gpopd and fetchmail into one local sink) plugs in here.
+    #: Where the tools deliver: "maildir", or "smtp" (bench/smtpsink.py).
     delivery: str = "maildir"
 
     @property
@@ -73,6 +72,8 @@ MAILBOX_D = MailboxSpec("d", _d)
 MAILBOX_F = MailboxSpec("f", lambda: mixed_corpus(500, 6))
 
 _FLOOR = ("floor",)
+# fetchmail forwards to SMTP by nature; mpop and getmail6 have no SMTP client.
+_SMTP_TOOLS = ("gpopd", "fetchmail")
 
 SCENARIOS: dict[str, tuple[Scenario, ...]] = {
     "a": (Scenario("a", "one account, 2,000 mixed messages (~240 MB)", (MAILBOX_A,)),),
@@ -99,6 +100,15 @@ SCENARIOS: dict[str, tuple[Scenario, ...]] = {
             "one account, 500 mixed messages, 20 ms added each way",
             (MAILBOX_F,),
             via_proxy=True,
+        ),
+    ),
+    "s": (
+        Scenario(
+            "s",
+            "one account, 500 mixed messages forwarded to a local SMTP sink",
+            (MAILBOX_F,),
+            _SMTP_TOOLS,
+            delivery="smtp",
         ),
     ),
 }

@@ -62,15 +62,45 @@ class Mailbox:
 
 
 @dataclass(frozen=True)
+class SmtpSink:
+    """Where the SMTP scenario's sink listens and where it files each recipient's mail."""
+
+    port: int
+    root: Path
+    host: str = "127.0.0.1"
+    domain: str = "bench.test"
+
+
+@dataclass(frozen=True)
 class Job:
-    """One run of one tool: the mailboxes to download and a fresh directory."""
+    """One run of one tool: the mailboxes to download and a fresh directory.
+
+    With ``smtp``, every tool forwards to that sink instead of writing a
+    Maildir; each mailbox's mail then lands in ``delivered(mailbox)``.
+    """
 
     run_dir: Path
     server: Server
     mailboxes: tuple[Mailbox, ...]
+    smtp: SmtpSink | None = None
 
     def maildir(self, mailbox: Mailbox) -> Path:
         return self.run_dir / "mail" / mailbox.account
+
+    def sink_name(self, mailbox: Mailbox) -> str:
+        """The recipient's local part: unique per scenario, tool, run and mailbox."""
+        scenario, tool, run = self.run_dir.parts[-3:]
+        return f"{scenario}-{tool}-{run}-{mailbox.account}"
+
+    def recipient(self, mailbox: Mailbox) -> str:
+        assert self.smtp is not None
+        return f"{self.sink_name(mailbox)}@{self.smtp.domain}"
+
+    def delivered(self, mailbox: Mailbox) -> Path:
+        """The Maildir-like directory the checks read for ``mailbox``."""
+        if self.smtp is not None:
+            return self.smtp.root / self.sink_name(mailbox)
+        return self.maildir(mailbox)
 
 
 @dataclass(frozen=True)
@@ -131,6 +161,15 @@ class Tool:
         return self.command(job)
 
 
+def _gpopd_delivery(job: Job, mailbox: Mailbox) -> str:
+    if job.smtp is None:
+        return f"{{type: maildir, path: {_quote(str(job.maildir(mailbox)))}}}"
+    return (
+        f"{{type: smtp, host: {_quote(job.smtp.host)}, port: {job.smtp.port}, tls: none, "
+        f"recipient: [{_quote(job.recipient(mailbox))}]}}"
+    )
+
+
 # mpop, fetchmail and getmail6 download a message of any size by default;
 # gpopd's default limit (50 MiB) would leave a-big's 100 MB message behind.
 GPOPD_MAX_MESSAGE_SIZE = 1 << 30
@@ -158,7 +197,7 @@ class Gpopd(Tool):
                 f"    password: {{file: {_quote(str(mailbox.password_file))}}}",
                 "    keep: true",
                 f"    max_message_size: {GPOPD_MAX_MESSAGE_SIZE}",
-                f"    delivery: {{type: maildir, path: {_quote(str(job.maildir(mailbox)))}}}",
+                f"    delivery: {_gpopd_delivery(job, mailbox)}",
             ]
         config = _write_private(job.run_dir / "gpopd.yaml", "\n".join(lines) + "\n")
         env = _base_env() | {"PYTHONPATH": str(REPO)}
@@ -214,6 +253,16 @@ class Fetchmail(Tool):
         lines = ["set no bouncemail", ""]
         for mailbox in job.mailboxes:
             mda = f"{PROCMAIL} -m DEFAULT={job.maildir(mailbox)}/ /dev/null"
+            # Forwarding to SMTP is fetchmail's natural mode; the MDA is
+            # only for Maildir.
+            destination = (
+                [f'  mda "{mda}"']
+                if job.smtp is None
+                else [
+                    f"  smtphost {job.smtp.host}/{job.smtp.port}",
+                    f'  smtpname "{job.recipient(mailbox)}"',
+                ]
+            )
             lines += [
                 # The entry's label is the account; "via" is what is contacted
                 # and the name the certificate must carry.
@@ -222,7 +271,7 @@ class Fetchmail(Tool):
                 f'  user "{mailbox.user}" password "{mailbox.password}" is root here',
                 f'  ssl sslcertck sslcertfile "{job.server.ca_file}"',
                 "  keep",
-                f'  mda "{mda}"',
+                *destination,
                 "",
             ]
         config = _write_private(job.run_dir / "fetchmailrc", "\n".join(lines))
