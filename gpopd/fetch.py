@@ -610,11 +610,14 @@ def _full_batch(account: Account, mailbox: Mailbox, plan: _Plan, transfer: _Tran
     Gmail lists only its oldest ~250 unpopped messages per session and the
     next ones only after QUIT; so while a session lists many and everything
     it offered went through, another session finds more.  Not in recent
-    mode (it lists the same 30 days every time).
+    mode (it lists the same 30 days every time), and not when the listing
+    held messages delivered before: a batching server lists only what it
+    has not handed out, so a server that does is showing its whole mailbox.
     """
     return (
         mailbox.count >= account.gmail_batch_threshold
         and not gmail.is_recent_mode(account.username)
+        and plan.skipped == 0
         and len(plan.fetch) > 0
         and transfer.fetched_all
         and (account.max_messages_per_poll is None)

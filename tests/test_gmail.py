@@ -24,6 +24,7 @@ from gpopd.fetch import PollResult, poll_once
 from gpopd.scheduler import Outcome
 from gpopd.store import Store
 from tests.support.certs import TestPKI
+from tests.support.fakepop import FakePop3
 from tests.support.gmailpop import Fault, GmailPop
 from tests.support.gpopd_config import AccountSpec, maildir_contents, write_config
 from tests.support.tokenserver import TokenServer
@@ -332,3 +333,26 @@ async def test_oauth_revoked_refresh_token_is_a_clear_error(pki: TestPKI, tmp_pa
             text = log_text(logs)
             for value in secrets.values():
                 assert value not in text
+
+
+async def test_server_that_relists_everything_gets_no_batch_sessions(tmp_path: Path) -> None:
+    """A server keeping every message listed costs one extra session on the first sync only."""
+    messages = [message(n) for n in range(250)]
+    async with FakePop3(messages) as server:
+        account = AccountSpec(
+            "alice",
+            server.port,
+            server.user,
+            server.password,
+            tmp_path / "Maildir",
+            tls="none",
+            extra={"timeout": "5s"},
+        )
+        first = await poll(tmp_path, account)
+        assert (first.delivered, first.sessions) == (250, 2)
+        server.messages.append(message(250))
+        assert server.uids is not None
+        server.uids.append("uid-00251")
+        second = await poll(tmp_path, account)
+        assert (second.delivered, second.sessions) == (1, 1)
+        assert server.sessions == 3
