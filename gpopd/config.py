@@ -7,28 +7,21 @@ single ``ConfigError`` listing every problem as ``FILE:LINE:COL: key.path:
 message``.  Line numbers come from ruamel.yaml's node marks, because the YAML
 loader built into pydantic-settings has none and accepts duplicate keys.
 
-Durations are stored as ``float`` seconds (what asyncio takes); sizes as
-``int`` bytes with K/M/G meaning powers of 1024.
+The field types and their parsers are in ``gpopd.configtypes``, the
+``delivery:`` and ``routes:`` models in ``gpopd.configdelivery`` and the
+``oauth:`` model in ``gpopd.configoauth``; all are imported from here too.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
-from urllib.parse import urlsplit
 
 from pydantic import (
-    AfterValidator,
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
-    Discriminator,
     Field,
-    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -43,6 +36,37 @@ from pydantic_settings import (
 )
 
 from gpopd import gmail
+from gpopd.configdelivery import (
+    MAX_DESTINATIONS,
+    MAX_ROUTES,
+    Deliveries,
+    Delivery,
+    LmtpDelivery,
+    MaildirDelivery,
+    MboxDelivery,
+    MdaDelivery,
+    Route,
+    Routes,
+    SmtpDelivery,
+)
+from gpopd.configoauth import Endpoint, OAuth
+from gpopd.configtypes import (
+    MAX_CONFIG_BYTES,
+    AccountName,
+    AddHeaders,
+    ByteSize,
+    ConfigModel,
+    Count,
+    Host,
+    PollInterval,
+    Port,
+    ReadableFile,
+    Text,
+    Timeout,
+    TlsMode,
+    parse_duration,
+    parse_size,
+)
 from gpopd.errors import ConfigError
 from gpopd.secrets import (
     AbsolutePath,
@@ -59,325 +83,52 @@ from gpopd.yamlsource import (
     merges_with,
 )
 
+# With the models and types of the other config* modules that the rest of
+# gpopd imports from here.
+__all__ = [
+    "CONFIG_PATH_VAR",
+    "DEFAULT_CONFIG_PATH",
+    "ENV_NESTED_DELIMITER",
+    "ENV_PREFIX",
+    "MAX_CONFIG_BYTES",
+    "MAX_DESTINATIONS",
+    "MAX_ROUTES",
+    "OAUTH_AUTH_METHODS",
+    "PASSWORD_AUTH_METHODS",
+    "SECRET_KEYS",
+    "Account",
+    "AccountDefaults",
+    "AuthMethod",
+    "Deliveries",
+    "Delivery",
+    "Endpoint",
+    "LmtpDelivery",
+    "MaildirDelivery",
+    "MboxDelivery",
+    "MdaDelivery",
+    "OAuth",
+    "Route",
+    "Routes",
+    "Settings",
+    "SmtpDelivery",
+    "TlsMode",
+    "config_path",
+    "load_config",
+    "parse_duration",
+    "parse_size",
+]
+
 DEFAULT_CONFIG_PATH = Path("/etc/gpopd/gpopd.yaml")
 CONFIG_PATH_VAR = "GPOPD_CONFIG"
 ENV_PREFIX = "GPOPD_"
 ENV_NESTED_DELIMITER = "__"
-MAX_CONFIG_BYTES = 1024 * 1024
-
-ACCOUNT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 # Fields of type ``Secret``: an inline value for them from the environment is
 # exempt from the file-permission rule.
 SECRET_KEYS = frozenset({"password", "client_secret", "refresh_token", "access_token"})
 
-TlsMode = Literal["implicit", "starttls", "none"]
 AuthMethod = Literal["auto", "user", "plain", "xoauth2", "oauthbearer"]
 PASSWORD_AUTH_METHODS = frozenset({"auto", "user", "plain"})
 OAUTH_AUTH_METHODS = frozenset({"xoauth2", "oauthbearer"})
-
-MAX_DURATION = 3650 * 86400.0
-MAX_SIZE = 1024**4
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-_NUMBER = re.compile(r"\d+(?:\.\d+)?")
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)", re.IGNORECASE)
-_SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
-
-
-def _format_seconds(seconds: float) -> str:
-    for unit in ("d", "h", "m"):
-        if seconds >= _DURATION_UNITS[unit] and seconds % _DURATION_UNITS[unit] == 0:
-            return f"{seconds / _DURATION_UNITS[unit]:g}{unit}"
-    return f"{seconds:g}s"
-
-
-def parse_duration(value: object) -> float:
-    """Seconds from an int/float or a text such as ``"90s"``, ``"10m"``, ``"1h30m"``."""
-    bad = PydanticCustomError(
-        "duration", "must be a duration such as 90s, 10m, 1h30m, 2d or a number of seconds"
-    )
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise bad
-    if isinstance(value, int):
-        if value > MAX_DURATION:  # before float(): a huge int would overflow
-            raise PydanticCustomError("duration_max", f"must be at most {MAX_DURATION / 86400:g}d")
-        return float(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise bad
-        return value
-    text = "".join(value.split())
-    if _NUMBER.fullmatch(text):
-        return float(text)
-    if not text or _DURATION_PART.sub("", text):
-        raise bad
-    return float(sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART.findall(text)))
-
-
-def _duration(minimum: float, *, inclusive: bool = True) -> Callable[[object], float]:
-    def check(value: object) -> float:
-        seconds = parse_duration(value)
-        if seconds < minimum or (not inclusive and seconds == minimum):
-            word = "at least" if inclusive else "more than"
-            shown = _format_seconds(minimum) if minimum else "0"
-            raise PydanticCustomError("duration_min", f"must be {word} {shown}")
-        if seconds > MAX_DURATION:
-            raise PydanticCustomError("duration_max", f"must be at most {MAX_DURATION / 86400:g}d")
-        return seconds
-
-    return check
-
-
-def parse_size(value: object) -> int:
-    """Bytes from an int or a text such as ``"512KB"``, ``"50MB"``, ``"1GiB"`` (1K = 1024)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        size = value
-    elif isinstance(value, str) and (match := _SIZE.fullmatch(value.strip())):
-        number, prefix, suffix = match.groups()
-        if suffix.lower() == "i" or (suffix.lower() == "ib" and not prefix):
-            raise PydanticCustomError("size", "must be a size such as 512KB, 50MB, 1GB or bytes")
-        size = int(float(number) * 1024 ** _SIZE_POWERS[prefix.lower()])
-    else:
-        raise PydanticCustomError("size", "must be a size such as 512KB, 50MB, 1GB or bytes")
-    if size < 1:
-        raise PydanticCustomError("size_min", "must be at least 1 byte")
-    if size > MAX_SIZE:
-        raise PydanticCustomError("size_max", "must be at most 1TB")
-    return size
-
-
-def _check_account_name(name: str) -> str:
-    if not ACCOUNT_NAME_RE.fullmatch(name):
-        raise PydanticCustomError(
-            "account_name",
-            "account names start with a letter or digit and contain only letters, digits "
-            "and . _ @ - (at most 64 characters)",
-        )
-    return name
-
-
-def _check_text(value: str) -> str:
-    if not value:
-        raise PydanticCustomError("text_empty", "must not be empty")
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
-        raise PydanticCustomError("text_control", "must not contain control characters")
-    return value
-
-
-def _check_host(value: str) -> str:
-    _check_text(value)
-    if any(ch.isspace() for ch in value) or len(value) > 253:
-        raise PydanticCustomError("host", "must be a host name or an IP address")
-    return value
-
-
-def _check_readable(path: Path) -> Path:
-    try:
-        read_regular_file(path, MAX_CONFIG_BYTES)
-    except UnreadableFile as exc:
-        raise PydanticCustomError(
-            "unreadable", "cannot read {path}: {reason}", {"path": str(path), "reason": exc.reason}
-        ) from None
-    return path
-
-
-AccountName = Annotated[str, AfterValidator(_check_account_name)]
-Text = Annotated[str, AfterValidator(_check_text)]
-Host = Annotated[str, AfterValidator(_check_host)]
-Port = Annotated[int, Field(ge=1, le=65535)]
-Count = Annotated[int, Field(ge=1)]
-ByteSize = Annotated[int, BeforeValidator(parse_size)]
-ReadableFile = Annotated[AbsolutePath, AfterValidator(_check_readable)]
-PollInterval = Annotated[float, BeforeValidator(_duration(1.0))]
-Timeout = Annotated[float, BeforeValidator(_duration(0.0, inclusive=False))]
-
-
-# Trace headers gpopd may prepend to each message, on request only.
-HeaderName = Literal["received", "delivered_to", "uidl", "key"]
-AddHeaders = Annotated[tuple[HeaderName, ...], Field(max_length=4)]
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
-
-
-class MaildirDelivery(_Model):
-    """Deliver into a Maildir (``tmp``/``new``/``cur`` are created if missing)."""
-
-    type: Literal["maildir"]
-    path: AbsolutePath
-
-
-class MboxDelivery(_Model):
-    """Append to an mbox file (mboxrd), locked with fcntl and a dotlock."""
-
-    type: Literal["mbox"]
-    path: AbsolutePath
-
-
-class MdaDelivery(_Model):
-    """Pipe each message into a command (no shell): exit 0 delivered, 75 retry later."""
-
-    type: Literal["mda"]
-    command: Annotated[tuple[Text, ...], Field(min_length=1)]
-    timeout: Timeout = 300.0
-
-
-_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
-
-
-def _check_header_name(value: str) -> str:
-    # RFC 5322 field names: printable ASCII but the colon.
-    if not 0 < len(value) <= 76 or any(not 33 <= ord(ch) <= 126 or ch == ":" for ch in value):
-        raise PydanticCustomError(
-            "header_name", "must be a header field name such as Subject or X-Original-To"
-        )
-    return value
-
-
-HeaderField = Annotated[str, AfterValidator(_check_header_name)]
-
-
-class SmtpDelivery(_Model):
-    """Forward each message to an SMTP relay (aiosmtplib).
-
-    ``tls`` defaults to ``starttls`` (then mandatory) except for a relay on
-    the loopback interface, where plain SMTP is the usual setup.
-    """
-
-    type: Literal["smtp"]
-    host: Host
-    port: Port | None = None
-    tls: TlsMode | None = None
-    ca_file: ReadableFile | None = None
-    username: Text | None = None
-    password: Secret | None = None
-    allow_plaintext: bool = False
-    recipient: Annotated[tuple[Text, ...], Field(min_length=1)]
-    # Envelope recipients from this header of each message, else ``recipient``.
-    recipient_header: HeaderField | None = None
-    sender: Text | None = None
-    timeout: Timeout = 60.0
-
-    @property
-    def effective_tls(self) -> TlsMode:
-        if self.tls is not None:
-            return self.tls
-        return "none" if self.host.lower() in _LOOPBACK else "starttls"
-
-    @property
-    def effective_port(self) -> int:
-        if self.port is not None:
-            return self.port
-        return 465 if self.effective_tls == "implicit" else 25
-
-    @model_validator(mode="after")
-    def _credentials_need_tls(self) -> Self:
-        if (self.username is None) != (self.password is None):
-            raise PydanticCustomError(
-                "smtp_credentials", "username and password go together", {"gpopd_key": "password"}
-            )
-        if self.password is not None and self.effective_tls == "none" and not self.allow_plaintext:
-            raise PydanticCustomError(
-                "plaintext_refused",
-                "SMTP AUTH without TLS sends the password unencrypted; "
-                "set tls: starttls or implicit, or allow_plaintext: true",
-                {"gpopd_key": "tls"},
-            )
-        return self
-
-
-class LmtpDelivery(_Model):
-    """Deliver over LMTP (RFC 2033) by TCP (``host``/``port``) or a Unix ``socket``."""
-
-    type: Literal["lmtp"]
-    host: Host | None = None
-    port: Port = 24
-    socket: AbsolutePath | None = None
-    recipient: Annotated[tuple[Text, ...], Field(min_length=1)]
-    # Envelope recipients from this header of each message, else ``recipient``.
-    recipient_header: HeaderField | None = None
-    sender: Text | None = None
-    timeout: Timeout = 60.0
-
-    @model_validator(mode="after")
-    def _one_address(self) -> Self:
-        if (self.host is None) == (self.socket is None):
-            raise PydanticCustomError(
-                "lmtp_address", "give exactly one of host or socket", {"gpopd_key": "host"}
-            )
-        return self
-
-
-# New destinations join this union; ``type`` picks the model.
-Delivery = Annotated[
-    MaildirDelivery | MboxDelivery | MdaDelivery | SmtpDelivery | LmtpDelivery,
-    Field(discriminator="type"),
-]
-MAX_DESTINATIONS = 16
-MAX_ROUTES = 64
-
-
-def _one_or_many(value: object) -> str:
-    return "many" if isinstance(value, list | tuple) else "one"
-
-
-def _one_or_list(value: object) -> object:
-    # Checked here, not in the union's branches, so that an error names
-    # ``delivery`` itself; the length before the items, as pydantic would
-    # count only the valid ones.
-    if isinstance(value, list | tuple):
-        if not 0 < len(value) <= MAX_DESTINATIONS:
-            raise PydanticCustomError(
-                "delivery_count", f"must list between 1 and {MAX_DESTINATIONS} destinations"
-            )
-    elif not isinstance(value, Mapping | BaseModel):
-        raise PydanticCustomError(
-            "model_type", "Input should be a valid dictionary or object to extract fields from"
-        )
-    return value
-
-
-# ``delivery:`` is one destination or a list of them, every one of which
-# must accept each message (gpopd.delivery.fanout).
-Deliveries = Annotated[
-    Annotated[Delivery, Tag("one")] | Annotated[tuple[Delivery, ...], Tag("many")],
-    Discriminator(_one_or_many),
-    BeforeValidator(_one_or_list),
-]
-
-
-def _compile_pattern(value: object) -> re.Pattern[str]:
-    if isinstance(value, re.Pattern):
-        return value
-    if not isinstance(value, str) or not value:
-        raise PydanticCustomError("pattern", "must be a regular expression")
-    try:
-        return re.compile(value)
-    except re.error as exc:
-        raise PydanticCustomError(
-            "pattern", "is not a valid regular expression: {reason}", {"reason": str(exc)}
-        ) from None
-
-
-class Route(_Model):
-    """A rule of ``routes:``: messages whose ``header`` matches go to ``delivery``."""
-
-    header: HeaderField
-    matches: Annotated[re.Pattern[str], BeforeValidator(_compile_pattern)] | None = None
-    contains: Text | None = None
-    delivery: Deliveries
-
-    @model_validator(mode="after")
-    def _one_test(self) -> Self:
-        if (self.matches is None) == (self.contains is None):
-            raise PydanticCustomError(
-                "route_test", "give exactly one of matches or contains", {"gpopd_key": "matches"}
-            )
-        return self
-
-
-Routes = Annotated[tuple[Route, ...], Field(max_length=MAX_ROUTES)]
 
 
 class _ExplicitName(str):
@@ -394,70 +145,7 @@ def _name_from_key(value: object) -> object:
     return value
 
 
-def _check_endpoint(value: str) -> str:
-    _check_text(value)
-    try:
-        parts = urlsplit(value)
-        host = parts.hostname
-        parts.port  # noqa: B018 - raises on a port that is not a number
-    except ValueError:
-        raise PydanticCustomError("url", "must be a URL such as https://host/path") from None
-    if parts.scheme not in ("https", "http") or not host or parts.fragment:
-        raise PydanticCustomError("url", "must be a URL such as https://host/path")
-    if parts.scheme == "http" and host.lower() not in _LOOPBACK:
-        # Tokens and client secrets travel in the request: only a listener on
-        # this machine may go without TLS.
-        raise PydanticCustomError(
-            "url_https", "must start with https:// (http:// only on loopback)"
-        )
-    return value
-
-
-Endpoint = Annotated[str, AfterValidator(_check_endpoint)]
-
-
-class OAuth(_Model):
-    """``oauth:`` of an account using ``auth: xoauth2`` or ``oauthbearer``.
-
-    Either a ``refresh_token`` that gpopd exchanges at ``token_url`` for
-    access tokens (``gpopd auth ACCOUNT`` obtains one), or an ``access_token``
-    source, typically a command, which is run again for every session.
-    """
-
-    client_id: Text | None = None
-    client_secret: Secret | None = None
-    refresh_token: Secret | None = None
-    access_token: Secret | None = None
-    token_url: Endpoint = "https://oauth2.googleapis.com/token"  # noqa: S105 - a URL
-    auth_url: Endpoint = "https://accounts.google.com/o/oauth2/v2/auth"
-    scope: Text = "https://mail.google.com/"
-    ca_file: ReadableFile | None = None
-
-    @model_validator(mode="after")
-    def _token_source(self) -> Self:
-        if self.access_token is not None and self.refresh_token is not None:
-            raise PydanticCustomError(
-                "oauth_token_source",
-                "give either access_token or refresh_token, not both",
-                {"gpopd_key": "access_token"},
-            )
-        if self.access_token is None:
-            if self.refresh_token is None:
-                raise PydanticCustomError(
-                    "oauth_token_missing",
-                    "needs refresh_token (run `gpopd auth ACCOUNT` to obtain one) or access_token",
-                    {"gpopd_key": "refresh_token"},
-                )
-            if self.client_id is None:
-                raise PydanticCustomError(
-                    "oauth_client_missing",
-                    "refresh_token needs client_id",
-                    {"gpopd_key": "client_id"},
-                )
-        return self
-
-
-class AccountDefaults(_Model):
+class AccountDefaults(ConfigModel):
     """``defaults:``: any account key but the per-account ones, merged under each account."""
 
     port: Port | None = None
@@ -482,7 +170,7 @@ class AccountDefaults(_Model):
     delivery: Deliveries | None = None
 
 
-class Account(_Model):
+class Account(ConfigModel):
     """One mailbox to poll and where its messages go; ``name`` is its key under ``accounts``."""
 
     name: Annotated[str, BeforeValidator(_name_from_key)]

@@ -16,6 +16,9 @@ it instead of storing it twice.  Anything that goes wrong keeps the message
 on the server.  When a message was read but not durably delivered, the
 session is dropped without QUIT: servers such as Gmail mark every message
 retrieved in a QUIT-ended session as downloaded, even without DELE.
+
+This module plans each session and runs the polls; steps 2 to 4 are
+``gpopd.transfer``, connecting and logging in ``gpopd.login``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import structlog
 from structlog.contextvars import bound_contextvars
@@ -37,42 +40,39 @@ from structlog.contextvars import bound_contextvars
 from gpopd import gmail, pop3
 from gpopd.config import Account, Settings
 from gpopd.delivery import build_account_destination
-from gpopd.delivery.base import (
-    CommitResult,
-    Destination,
-    MessageInfo,
-    Staged,
-    Writer,
-    message_key,
-)
-from gpopd.delivery.maildir import MaildirDestination
+from gpopd.delivery.base import Destination, message_key
 from gpopd.errors import (
-    AuthError,
     DeliveryError,
     GpopdError,
-    PermanentDeliveryError,
     StoreError,
-    TokenRejectedError,
     TransportError,
 )
 from gpopd.failpoints import failpoint
-from gpopd.headers import trace_headers
-from gpopd.session import Mailbox, Session, TraceHook, login_delay
+from gpopd.login import BEARER_METHODS, TokenSource, open_session, token_manager
+from gpopd.session import Mailbox, TraceHook, login_delay
 from gpopd.store import AccountLock, Store
-from gpopd.transport import Transport, make_tls_context
+from gpopd.transfer import Planned, Transfer
+
+# Includes the names of gpopd.login that the daemon, the CLI and serverinfo
+# import from here.
+__all__ = [
+    "BEARER_METHODS",
+    "PERMANENT_RETRY_AFTER",
+    "TOO_LARGE",
+    "PollResult",
+    "ProgressHook",
+    "StoreWorker",
+    "TokenSource",
+    "open_session",
+    "outcome_of",
+    "plan_poll",
+    "poll_account",
+    "poll_once",
+    "protocol_tracer",
+    "token_manager",
+]
 
 T = TypeVar("T")
-
-# A commit window never holds more than this many staged messages or bytes
-# (a destination may keep small messages in memory until commit): beyond
-# either the fetch waits for the previous commit rather than stage more.
-MAX_COMMIT_WINDOW = 128
-MAX_COMMIT_BYTES = 2 * 1024 * 1024
-# Windows committed at once (exactly-once destinations only): the next
-# window's file fsyncs then overlap the previous window's links, directory
-# fsync and store commit, during which the fsync threads used to sit idle
-# (py-spy on 4,000 small messages: a third of each commit).
-MAX_COMMITS_IN_FLIGHT = 2
 
 log = structlog.get_logger("gpopd.fetch")
 
@@ -118,25 +118,16 @@ class PollResult:
 
 
 @dataclass(slots=True)
-class _Planned:
-    number: int
-    uid: str
-    key: str
-    size: int
-
-
-@dataclass(slots=True)
 class _Plan:
-    fetch: list[_Planned] = field(default_factory=list)
+    fetch: list[Planned] = field(default_factory=list)
     delete_known: list[int] = field(default_factory=list)
     skipped: int = 0
     set_aside: int = 0
-    oversized: list[_Planned] = field(default_factory=list)
+    oversized: list[Planned] = field(default_factory=list)
     duplicates: int = 0
 
 
 TOO_LARGE = "too large"
-PERMANENT_FAILURE = "delivery failed permanently"
 # A message a destination refused for good is tried again after this long
 # (or at once after `gpopd retry`), never at every poll.
 PERMANENT_RETRY_AFTER = 86400.0
@@ -183,7 +174,7 @@ def plan_poll(
             if not account.keep or expired:
                 plan.delete_known.append(number)
             continue
-        item = _Planned(number, uid, message_key(account.name, uid), mailbox.sizes[number])
+        item = Planned(number, uid, message_key(account.name, uid), mailbox.sizes[number])
         reason = set_aside.get(uid)
         if reason is not None and not (
             reason == TOO_LARGE and item.size <= account.max_message_size
@@ -197,367 +188,6 @@ def plan_poll(
             continue
         plan.fetch.append(item)
     return plan
-
-
-class TokenSource(Protocol):
-    """Where OAuth2 access tokens come from (``gpopd.oauth.TokenManager``)."""
-
-    async def access_token(self, account: Account) -> str: ...
-
-    async def refresh(self, account: Account, *, rejected: str | None = None) -> str: ...
-
-    async def run_background(self, accounts: Sequence[Account]) -> None: ...
-
-
-def token_manager(state_dir: Path, environ: Mapping[str, str] | None = None) -> TokenSource:
-    """The OAuth2 token manager; imported only when an account uses OAuth2."""
-    from gpopd.oauth import TokenManager  # noqa: PLC0415 - keeps httpx out of other polls
-
-    return TokenManager(state_dir, environ=environ)
-
-
-async def open_session(
-    account: Account, trace: TraceHook | None = None, tokens: TokenSource | None = None
-) -> Session:
-    """Connect, verify TLS, read the greeting and authenticate.
-
-    With OAuth2, a token the server refuses is refreshed once and tried in a
-    new session before the account is reported as failing.
-    """
-    if account.auth not in BEARER_METHODS:
-        return await _open_session(account, trace, None)
-    if tokens is None:
-        raise AuthError("AUTH", f"auth: {account.auth} needs OAuth2 tokens", "AUTH")
-    token = await tokens.access_token(account)
-    try:
-        return await _open_session(account, trace, token)
-    except TokenRejectedError as exc:
-        log.warning("the server refused the access token; refreshing it", status=exc.status)
-        token = await tokens.refresh(account, rejected=token)
-    return await _open_session(account, trace, token)
-
-
-async def _open_session(account: Account, trace: TraceHook | None, token: str | None) -> Session:
-    tls_ctx = make_tls_context(account.ca_file) if account.tls != "none" else None
-    transport = await Transport.connect(
-        account.host,
-        account.effective_port,
-        tls=tls_ctx if account.tls == "implicit" else None,
-        connect_timeout=account.connect_timeout,
-        read_timeout=account.timeout,
-    )
-    session = Session(transport, trace=trace)
-    try:
-        await session.read_greeting()
-        if tls_ctx is not None and account.tls == "starttls":
-            await session.starttls(tls_ctx, account.host, account.connect_timeout)
-        caps = session.pre_login_capabilities = await session.capa()
-        if token is not None:
-            await session.login_bearer(account.auth.upper(), bearer_payload(account, token, caps))
-            session.login_method = account.auth
-        else:
-            password = account.password.secret.get_secret_value() if account.password else ""
-            session.login_method = await session.login(
-                account.username, password, account.auth, caps
-            )
-        # Capabilities may change after login (Gmail adds PIPELINING).
-        await session.capa()
-    except BaseException:
-        transport.abort()
-        raise
-    return session
-
-
-BEARER_METHODS = ("xoauth2", "oauthbearer")
-
-
-def bearer_payload(account: Account, token: str, caps: dict[str, tuple[str, ...]]) -> str:
-    """The base64 SASL response for ``account.auth`` with ``token``."""
-    from gpopd.oauth import oauthbearer_payload, xoauth2_payload  # noqa: PLC0415 - lazy
-
-    if account.auth == "oauthbearer":
-        return oauthbearer_payload(account.username, token, account.host, account.effective_port)
-    return xoauth2_payload(account.username, token)
-
-
-class _Tee(Writer):
-    """Writes a message to its destination and a quarantine copy at once."""
-
-    def __init__(self, main: Writer, copy: Writer) -> None:
-        self.main = main
-        self.copy: _Copy = _Copy(copy)
-
-    def write(self, data: bytes) -> None:
-        self.main.write(data)
-        self.copy.write(data)
-
-    def finish(self) -> Staged:
-        staged = self.main.finish()
-        self.copy.finish()
-        return staged
-
-    def abort(self) -> None:
-        self.main.abort()
-        self.copy.abort()
-
-
-class _Copy:
-    """The quarantine side of a ``_Tee``: its failures never fail the delivery."""
-
-    def __init__(self, writer: Writer) -> None:
-        self.writer: Writer | None = writer
-        self.staged: Staged | None = None
-
-    def write(self, data: bytes) -> None:
-        if self.writer is not None:
-            try:
-                self.writer.write(data)
-            except DeliveryError as exc:
-                log.warning("quarantine copy failed", error=str(exc))
-                self.abort()
-
-    def finish(self) -> None:
-        if self.writer is not None:
-            try:
-                self.staged = self.writer.finish()
-            except DeliveryError as exc:
-                log.warning("quarantine copy failed", error=str(exc))
-                self.abort()
-
-    def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.abort()
-            self.writer = None
-        self.staged = None
-
-
-class _Transfer:
-    """RETR the planned messages into the destination with group commit."""
-
-    def __init__(
-        self,
-        account: Account,
-        session: Session,
-        destination: Destination,
-        db: StoreWorker,
-        result: PollResult,
-    ) -> None:
-        self.account = account
-        self.session = session
-        self.destination = destination
-        self.db = db
-        self.result = result
-        self.delivered_numbers: list[int] = []
-        # (uid, reason, size) of messages refused for good: not retried every poll.
-        self.set_aside: list[tuple[str, str, int]] = []
-        # Messages read from the server and not (yet) durably delivered.
-        self.unsettled = 0
-        self._batch: list[tuple[_Planned, Staged, float]] = []
-        self._batch_bytes = 0
-        # With quarantine: a copy of each message in flight, kept only if the
-        # destination refuses it for good.
-        self.quarantine = (
-            MaildirDestination(account.quarantine) if account.quarantine is not None else None
-        )
-        self._copies: dict[str, _Copy] = {}
-        self._commits: list[asyncio.Task[None]] = []  # oldest first
-        self.planned = 0
-
-    @property
-    def fetched_all(self) -> bool:
-        """Whether every planned message was delivered."""
-        return len(self.delivered_numbers) == self.planned
-
-    async def run(self, items: list[_Planned], sizes: dict[int, int]) -> None:
-        self.planned = len(items)
-        by_number = {item.number: item for item in items}
-        writer: Writer | None = None
-        item: _Planned | None = None
-        received = 0
-        started = 0.0
-        limit = self.account.max_message_size
-        if self.quarantine is not None:
-            # Once per poll, before any copy exists: prepare() removes this
-            # account's files in tmp/, which later would include copies in flight.
-            await self.quarantine.prepare(self.account.name)
-        try:
-            async for event in self.session.retrieve([i.number for i in items], sizes):
-                if isinstance(event, pop3.MessageData):
-                    received += len(event.data)
-                    self.result.received += len(event.data)
-                    if received > limit:
-                        raise pop3.RemoteProtocolError(
-                            f"message {item.number if item else '?'} exceeds "
-                            f"max_message_size ({limit} bytes) although LIST announced "
-                            f"{item.size if item else '?'} bytes"
-                        )
-                    if writer is not None:
-                        try:
-                            writer.write(event.data)
-                        except DeliveryError as exc:
-                            self._fail(writer, item, exc)
-                            writer = None
-                elif isinstance(event, pop3.MessageStart):
-                    item = by_number[event.command.msg]
-                    received = 0
-                    started = time.monotonic()
-                    self.unsettled += 1
-                    writer = None
-                    try:
-                        writer = self.destination.open(self._info(item))
-                        if self.quarantine is not None:
-                            writer = _Tee(writer, self.quarantine.open(self._info(item)))
-                        if self.account.add_headers:
-                            writer.write(self._headers(item))
-                    except DeliveryError as exc:
-                        # Also releases what open() already created (a spool file).
-                        self._fail(writer, item, exc)
-                        writer = None
-                elif isinstance(event, pop3.MessageEnd):
-                    if writer is not None and item is not None:
-                        try:
-                            staged = writer.finish()
-                        except DeliveryError as exc:
-                            self._fail(writer, item, exc)
-                        else:
-                            if isinstance(writer, _Tee):
-                                self._copies[item.key] = writer.copy
-                            self._batch.append((item, staged, started))
-                            self._batch_bytes += staged.size
-                            await self._maybe_commit()
-                    writer = None
-                    item = None
-        except BaseException:
-            if writer is not None:
-                writer.abort()
-            raise
-        finally:
-            # Whatever happened on the wire, messages received in full are
-            # still worth making durable.
-            await self._drain_commits()
-
-    def _info(self, item: _Planned) -> MessageInfo:
-        return MessageInfo(self.account.name, item.uid, item.key, item.size)
-
-    def _headers(self, item: _Planned) -> bytes:
-        account = self.account
-        return trace_headers(
-            account.add_headers,
-            host=account.host,
-            tls=account.tls,
-            username=account.username,
-            uid=item.uid,
-            key=item.key,
-        )
-
-    def _fail(self, writer: Writer | None, item: _Planned | None, exc: DeliveryError) -> None:
-        if writer is not None:
-            writer.abort()
-        self.result.failed += 1
-        permanent = isinstance(exc, PermanentDeliveryError)
-        if permanent and item is not None:
-            self.set_aside.append((item.uid, f"{PERMANENT_FAILURE}: {exc}"[:500], item.size))
-        log.warning(
-            "delivery failed",
-            uid=item.uid if item else None,
-            destination=self.destination.name,
-            error=str(exc),
-            permanent=permanent,
-            next_try="in a day, or after `gpopd retry`" if permanent else "next poll",
-        )
-
-    async def _settle_copies(
-        self, batch: list[tuple[_Planned, Staged, float]], results: list[CommitResult]
-    ) -> None:
-        """Keep in quarantine the copies of messages refused for good; drop the rest."""
-        keep: list[tuple[_Planned, Staged]] = []
-        for (item, _, _), outcome in zip(batch, results, strict=True):
-            copy = self._copies.pop(item.key, None)
-            if copy is None:
-                continue
-            if isinstance(outcome.error, PermanentDeliveryError) and copy.staged is not None:
-                keep.append((item, copy.staged))
-            else:
-                copy.abort()
-        if not keep or self.quarantine is None:
-            return
-        for (item, _), outcome in zip(
-            keep, await self.quarantine.commit([s for _, s in keep]), strict=True
-        ):
-            if outcome.error is None:
-                log.warning("message quarantined", uid=item.uid, path=str(self.quarantine.path))
-            else:
-                log.error("could not quarantine", uid=item.uid, error=str(outcome.error))
-
-    async def _maybe_commit(self) -> None:
-        # A destination that cannot recognise its own earlier deliveries
-        # (SMTP, LMTP, MDA) commits one message at a time, so a crash can
-        # duplicate at most the message in flight.
-        grouped = self.destination.exactly_once and self.quarantine is None
-        window = MAX_COMMIT_WINDOW if grouped else 1
-        in_flight = MAX_COMMITS_IN_FLIGHT if grouped else 1
-        for task in [task for task in self._commits if task.done()]:
-            self._commits.remove(task)
-            task.result()  # re-raises a store failure: stop the poll
-        if self._commits:
-            if len(self._batch) < window and self._batch_bytes < MAX_COMMIT_BYTES:
-                return  # a running commit will be followed by a bigger one
-            while len(self._commits) >= in_flight:
-                await self._commits.pop(0)
-        batch, self._batch, self._batch_bytes = self._batch, [], 0
-        self._commits.append(asyncio.create_task(self._commit_batch(batch)))
-
-    async def _drain_commits(self) -> None:
-        # Every running commit is waited for, even after one failed: none
-        # may outlive the poll.
-        error: BaseException | None = None
-        while self._commits:
-            try:
-                await self._commits.pop(0)
-            except BaseException as exc:
-                error = error or exc
-        if error is not None:
-            raise error
-        if self._batch:
-            batch, self._batch, self._batch_bytes = self._batch, [], 0
-            await self._commit_batch(batch)
-
-    async def _commit_batch(self, batch: list[tuple[_Planned, Staged, float]]) -> None:
-        results = await self.destination.commit([staged for _, staged, _ in batch])
-        done: list[tuple[_Planned, Staged, float]] = []
-        for (item, staged, started), outcome in zip(batch, results, strict=True):
-            if outcome.error is None:
-                done.append((item, staged, started))
-                if warning := getattr(outcome, "warning", None):
-                    log.warning(
-                        "delivered with refusals",
-                        uid=item.uid,
-                        destination=self.destination.name,
-                        warning=warning,
-                    )
-            else:
-                self._fail(None, item, outcome.error)
-        await self._settle_copies(batch, results)
-        if done:
-            await self.db.call(
-                self.db.store.mark_delivered,
-                self.account.name,
-                [(item.uid, item.key, staged.size) for item, staged, _ in done],
-            )
-            failpoint("after-store-commit")
-        now = time.monotonic()
-        for item, staged, started in done:
-            self.unsettled -= 1
-            self.delivered_numbers.append(item.number)
-            self.result.delivered += 1
-            self.result.bytes += staged.size
-            log.info(
-                "message delivered",
-                uid=item.uid,
-                size=staged.size,
-                destination=self.destination.name,
-                seconds=round(now - started, 4),
-            )
 
 
 async def _recover(account: Account, destination: Destination, db: StoreWorker) -> int:
@@ -604,7 +234,7 @@ async def _poll(
     )
 
 
-def _full_batch(account: Account, mailbox: Mailbox, plan: _Plan, transfer: _Transfer) -> bool:
+def _full_batch(account: Account, mailbox: Mailbox, plan: _Plan, transfer: Transfer) -> bool:
     """Whether the session returned a full batch that was entirely fetched.
 
     Gmail lists only its oldest ~250 unpopped messages per session and the
@@ -681,7 +311,7 @@ async def _session(
             )
         if plan.fetch:
             await db.call(db.store.add_pending, account.name, [(i.uid, i.key) for i in plan.fetch])
-        transfer = _Transfer(account, session, destination, db, result)
+        transfer = Transfer(account, session, destination, db, result)
         try:
             await transfer.run(plan.fetch, mailbox.sizes)
         finally:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gpopd import fetch
+from gpopd import fetch, transfer
 from gpopd.config import load_config
 from gpopd.delivery.base import CommitResult, Staged
 from gpopd.delivery.memory import MemoryDestination
@@ -93,20 +93,20 @@ async def test_exactly_once_windows_overlap_two_at_a_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An exactly-once destination gets two windows to commit at once, never three."""
-    monkeypatch.setattr(fetch, "MAX_COMMIT_WINDOW", 4)
+    monkeypatch.setattr(transfer, "MAX_COMMIT_WINDOW", 4)
     destination = SlowMemory(exactly_once=True)
     result = await poll_into(tmp_path, destination)
     assert result.ok, result.error
     assert result.delivered == 60
     assert len(destination.messages) == 60
-    assert destination.most_at_once == fetch.MAX_COMMITS_IN_FLIGHT == 2
+    assert destination.most_at_once == transfer.MAX_COMMITS_IN_FLIGHT == 2
 
 
 async def test_at_least_once_destinations_commit_one_message_at_a_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A destination without exactly-once commits never overlaps: one message may be in doubt."""
-    monkeypatch.setattr(fetch, "MAX_COMMIT_WINDOW", 4)
+    monkeypatch.setattr(transfer, "MAX_COMMIT_WINDOW", 4)
     destination = SlowMemory(exactly_once=False)
     result = await poll_into(tmp_path, destination)
     assert result.ok, result.error
