@@ -6,10 +6,10 @@ After login it asks only CAPA and STAT, then QUITs: no RETR, TOP or DELE,
 because Gmail marks every message retrieved in a QUIT-ended session as
 downloaded, and the point of this command is to look, not to touch.
 
-The sequence is written out here rather than reusing ``fetch.open_session``
-because that one discards the capabilities announced before login, which
-are half of what this command is for (RFC 2449: values such as
-``LOGIN-DELAY`` and ``EXPIRE`` may change once the user is known).
+``login.open_session`` keeps the capabilities announced before login next
+to those after it: both are shown, because RFC 2449 lets values such as
+``LOGIN-DELAY`` and ``EXPIRE`` change once the user is known.  OAuth2
+accounts get their access token as a poll does (cached, or refreshed).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from gpopd import pop3
 from gpopd.config import Account
-from gpopd.fetch import open_session
+from gpopd.login import BEARER_METHODS, TokenSource, open_session, token_manager
 from gpopd.session import TraceHook
 from gpopd.status import format_bytes, format_span, printable
 from gpopd.store import AccountLock
@@ -86,13 +86,16 @@ async def server_info(
     ``StoreError`` instead.
     """
     if state_dir is None:
-        return await _server_info(account, trace)
+        return await _server_info(account, trace, None)
+    tokens = token_manager(state_dir) if account.auth in BEARER_METHODS else None
     with AccountLock(state_dir, account.name):
-        return await _server_info(account, trace)
+        return await _server_info(account, trace, tokens)
 
 
-async def _server_info(account: Account, trace: TraceHook | None) -> ServerInfo:
-    session = await open_session(account, trace)
+async def _server_info(
+    account: Account, trace: TraceHook | None, tokens: TokenSource | None
+) -> ServerInfo:
+    session = await open_session(account, trace, tokens)
     transport = session.transport
     try:
         greeting = session.greeting
