@@ -105,8 +105,8 @@ SCENARIOS: dict[str, tuple[Scenario, ...]] = {
     "s": (
         Scenario(
             "s",
-            "one account, 500 mixed messages forwarded to a local SMTP sink",
-            (MAILBOX_F,),
+            "one account, 2,000 mixed messages forwarded to a local SMTP sink",
+            (MAILBOX_A,),
             _SMTP_TOOLS,
             delivery="smtp",
         ),
