@@ -423,6 +423,7 @@ def _summary(account: Account, result: PollResult) -> None:
         "failed": result.failed,
         "oversized": result.oversized,
         "bytes": result.bytes,
+        "sessions": result.sessions,
         "seconds": round(result.seconds, 3),
         "outcome": result.outcome,
     }

@@ -69,10 +69,13 @@ async def test_backlog_of_1000_is_drained_in_one_poll(pki: TestPKI, tmp_path: Pa
         sent = [message(n) for n in range(1000)]
         for data in sent:
             server.add(data)
-        result = await poll(tmp_path, spec(server, tmp_path))
+        with capture_logs() as logs:
+            result = await poll(tmp_path, spec(server, tmp_path))
         assert result.ok, result.error
         assert result.delivered == 1000
         assert result.sessions == 5  # 4 full batches, then an empty listing
+        summary = [e for e in logs if e["event"] == "poll finished"]
+        assert summary[0]["sessions"] == 5
         assert server.sessions_quit == 5
         assert len(server.popped_uids()) == 1000
         assert max(server.retrs.values()) == 1
