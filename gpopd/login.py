@@ -76,7 +76,7 @@ async def _open_session(account: Account, trace: TraceHook | None, token: str | 
             await session.starttls(tls_ctx, account.host, account.connect_timeout)
         caps = session.pre_login_capabilities = await session.capa()
         if token is not None:
-            await session.login_bearer(account.auth.upper(), bearer_payload(account, token, caps))
+            await session.login_bearer(account.auth.upper(), bearer_payload(account, token))
             session.login_method = account.auth
         else:
             password = account.password.secret.get_secret_value() if account.password else ""
@@ -94,7 +94,7 @@ async def _open_session(account: Account, trace: TraceHook | None, token: str | 
 BEARER_METHODS = ("xoauth2", "oauthbearer")
 
 
-def bearer_payload(account: Account, token: str, caps: dict[str, tuple[str, ...]]) -> str:
+def bearer_payload(account: Account, token: str) -> str:
     """The base64 SASL response for ``account.auth`` with ``token``."""
     from gpopd.oauth import oauthbearer_payload, xoauth2_payload  # noqa: PLC0415 - lazy
 
