@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import ssl
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,7 +16,8 @@ from gpopd.delivery.base import CommitResult, Staged
 from gpopd.delivery.memory import MemoryDestination
 from gpopd.fetch import StoreWorker, poll_account, poll_once
 from gpopd.store import Store
-from gpopd.transport import Transport
+from gpopd.transport import Transport, make_tls_context
+from tests.support.certs import TestPKI
 from tests.support.corpus import small_corpus
 from tests.support.fakepop import FakePop3
 from tests.support.gpopd_config import AccountSpec, write_config
@@ -113,3 +116,16 @@ async def test_at_least_once_destinations_commit_one_message_at_a_time(
     assert result.delivered == 60
     assert destination.most_at_once == 1
     assert destination.commits == 60
+
+
+def test_tls_context_is_built_once_and_rebuilt_when_the_ca_changes(pki: TestPKI) -> None:
+    """Polls share one TLS context per CA file; a changed CA file gets a new one."""
+    first = make_tls_context(pki.ca_file)
+    assert make_tls_context(pki.ca_file) is first
+    assert make_tls_context(None) is make_tls_context(None)
+    stat = os.stat(pki.ca_file)
+    os.utime(pki.ca_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    again = make_tls_context(pki.ca_file)
+    assert again is not first
+    assert again.verify_mode == ssl.CERT_REQUIRED
+    assert again.minimum_version == ssl.TLSVersion.TLSv1_2
