@@ -76,18 +76,11 @@ def make_pki(directory: Path) -> TestPKI:
 
 
 @contextlib.contextmanager
-def delay_proxy(target_port: int, delay_ms: float, log_path: Path) -> Iterator[int]:
-    """Run bench/delayproxy.py in front of ``target_port``; yield its port."""
+def _ready_process(script: str, args: list[str], log_path: Path, what: str) -> Iterator[int]:
+    """Run ``bench/SCRIPT`` until the block ends; yield the port of its ``READY PORT`` line."""
     with log_path.open("wb") as errors:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                str(REPO / "bench" / "delayproxy.py"),
-                "--target-port",
-                str(target_port),
-                "--delay-ms",
-                str(delay_ms),
-            ],
+            [sys.executable, str(REPO / "bench" / script), *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=errors,
@@ -97,7 +90,7 @@ def delay_proxy(target_port: int, delay_ms: float, log_path: Path) -> Iterator[i
         assert process.stdout is not None
         line = process.stdout.readline().decode()
         if not line.startswith("READY "):
-            raise RuntimeError(f"delay proxy did not start: {log_path.read_text()}")
+            raise RuntimeError(f"{what} did not start: {log_path.read_text()}")
         yield int(line.split()[1])
     finally:
         process.terminate()
@@ -111,31 +104,18 @@ def delay_proxy(target_port: int, delay_ms: float, log_path: Path) -> Iterator[i
 
 
 @contextlib.contextmanager
+def delay_proxy(target_port: int, delay_ms: float, log_path: Path) -> Iterator[int]:
+    """Run bench/delayproxy.py in front of ``target_port``; yield its port."""
+    args = ["--target-port", str(target_port), "--delay-ms", str(delay_ms)]
+    with _ready_process("delayproxy.py", args, log_path, "delay proxy") as port:
+        yield port
+
+
+@contextlib.contextmanager
 def smtp_sink(root: Path, log_path: Path) -> Iterator[SmtpSink]:
     """Run bench/smtpsink.py filing mail under ``root``; yield where it listens."""
-    with log_path.open("wb") as errors:
-        process = subprocess.Popen(
-            [sys.executable, str(REPO / "bench" / "smtpsink.py"), "--root", str(root)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=errors,
-            start_new_session=True,
-        )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline().decode()
-        if not line.startswith("READY "):
-            raise RuntimeError(f"SMTP sink did not start: {log_path.read_text()}")
-        yield SmtpSink(int(line.split()[1]), root)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=PROXY_START_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
+    with _ready_process("smtpsink.py", ["--root", str(root)], log_path, "SMTP sink") as port:
+        yield SmtpSink(port, root)
 
 
 class Bench:
