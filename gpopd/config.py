@@ -198,12 +198,27 @@ class Account(ConfigModel):
     skip_sent: bool = False
     # A session that listed at least this many messages and fetched them all
     # is followed at once by another one (Gmail offers ~250 per session).
-    gmail_batch_threshold: Count = 200
+    # Unset: 200 on Gmail's hosts, off elsewhere (see ``batch_threshold``).
+    gmail_batch_threshold: Count | None = None
     max_sessions_per_poll: Count = 100
     oauth: OAuth | None = None
     # Tried in order before ``delivery``, which takes what no route matched.
     routes: Routes = ()
     delivery: Deliveries
+
+    @property
+    def batch_threshold(self) -> int | None:
+        """``gmail_batch_threshold``, or 200 for Gmail's hosts and None (never) elsewhere.
+
+        Another server lists its whole mailbox in each session, so a session
+        after a full one would only list the same messages again: on the
+        first sync of a large mailbox kept on the server, that is a second
+        login and listing for nothing.  Gmail behind a tunnel or a proxy
+        sets the threshold explicitly.
+        """
+        if self.gmail_batch_threshold is not None:
+            return self.gmail_batch_threshold
+        return gmail.GMAIL_BATCH_THRESHOLD if gmail.is_gmail_host(self.host) else None
 
     @property
     def effective_port(self) -> int:

@@ -244,8 +244,10 @@ def _full_batch(account: Account, mailbox: Mailbox, plan: _Plan, transfer: Trans
     held messages delivered before: a batching server lists only what it
     has not handed out, so a server that does is showing its whole mailbox.
     """
+    threshold = account.batch_threshold
     return (
-        mailbox.count >= account.gmail_batch_threshold
+        threshold is not None
+        and mailbox.count >= threshold
         and not gmail.is_recent_mode(account.username)
         and plan.skipped == 0
         and len(plan.fetch) > 0

@@ -16,6 +16,9 @@ GMAIL_HOSTS = frozenset({"pop.gmail.com", "pop.googlemail.com"})
 # Gmail advertises LOGIN-DELAY 300; polling it more often only earns
 # "exceeded POP command or bandwidth limits".
 GMAIL_MIN_INTERVAL = 300.0
+# Gmail lists ~250 conversations per session; a listing this long is
+# taken as a full batch (see ``Account.batch_threshold``).
+GMAIL_BATCH_THRESHOLD = 200
 RECENT_PREFIX = "recent:"
 
 

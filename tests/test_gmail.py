@@ -49,7 +49,8 @@ def spec(server: GmailPop, tmp_path: Path, *, recent: bool = False, **extra: obj
         password=server.password,
         maildir=tmp_path / "Maildir",
         ca_file=server.ca_file,
-        extra={"timeout": "10s", **extra},
+        # The fake listens on 127.0.0.1, not on a Gmail host name.
+        extra={"timeout": "10s", "gmail_batch_threshold": 200, **extra},
     )
 
 
@@ -338,9 +339,19 @@ async def test_oauth_revoked_refresh_token_is_a_clear_error(pki: TestPKI, tmp_pa
                 assert value not in text
 
 
-async def test_server_that_relists_everything_gets_no_batch_sessions(tmp_path: Path) -> None:
-    """A server keeping every message listed costs one extra session on the first sync only."""
+@pytest.mark.parametrize(
+    ("threshold", "first_sessions"),
+    [(None, 1), (200, 2)],
+    ids=["other-server-default", "threshold-set"],
+)
+async def test_server_that_relists_everything_gets_no_batch_sessions(
+    tmp_path: Path, threshold: int | None, first_sessions: int
+) -> None:
+    """Another server gets one session a poll; with the threshold set, one extra on the first sync."""
     messages = [message(n) for n in range(250)]
+    extra: dict[str, object] = {"timeout": "5s"}
+    if threshold is not None:
+        extra["gmail_batch_threshold"] = threshold
     async with FakePop3(messages) as server:
         account = AccountSpec(
             "alice",
@@ -349,13 +360,13 @@ async def test_server_that_relists_everything_gets_no_batch_sessions(tmp_path: P
             server.password,
             tmp_path / "Maildir",
             tls="none",
-            extra={"timeout": "5s"},
+            extra=extra,
         )
         first = await poll(tmp_path, account)
-        assert (first.delivered, first.sessions) == (250, 2)
+        assert (first.delivered, first.sessions) == (250, first_sessions)
         server.messages.append(message(250))
         assert server.uids is not None
         server.uids.append("uid-00251")
         second = await poll(tmp_path, account)
         assert (second.delivered, second.sessions) == (1, 1)
-        assert server.sessions == 3
+        assert server.sessions == first_sessions + 1

@@ -175,10 +175,22 @@ def test_allow_fast_polling_lets_the_user_insist(tmp_path: Path) -> None:
     assert account.tls == "implicit"
 
 
+def test_batch_sessions_default_to_gmail_hosts_only(tmp_path: Path) -> None:
+    """Gmail gets follow-up batch sessions by default; another host only when it asks."""
+    text = GMAIL_CONFIG.replace("poll_interval: 1m", "poll_interval: 10m")
+    gmail_account = load_config(_write(tmp_path, text), environ={"ALICE_PW": "pw"})
+    assert gmail_account.accounts["alice"].batch_threshold == 200
+    other = text.replace("pop.gmail.com", "pop.example.org")
+    asked = other.replace("poll_interval: 10m", "poll_interval: 10m\n    gmail_batch_threshold: 50")
+    assert "gmail_batch_threshold: 50" in asked
+    account = load_config(_write(tmp_path, asked), environ={"ALICE_PW": "pw"}).accounts["alice"]
+    assert account.batch_threshold == 50
+
+
 def test_other_hosts_may_poll_fast(tmp_path: Path) -> None:
     """The five-minute floor is Gmail's, not every server's."""
     text = GMAIL_CONFIG.replace("pop.gmail.com", "pop.example.org")
     account = load_config(_write(tmp_path, text), environ={"ALICE_PW": "pw"}).accounts["alice"]
     assert account.poll_interval == 60.0
-    assert account.gmail_batch_threshold == 200
+    assert account.batch_threshold is None  # only Gmail lists in batches
     assert account.max_sessions_per_poll == 100
