@@ -188,18 +188,20 @@ class Transfer:
                         self._fail(writer, item, exc)
                         writer = None
                 elif isinstance(event, pop3.MessageEnd):
-                    if writer is not None and item is not None:
+                    # From here the message belongs to the batch: a failure
+                    # while committing an earlier window must not abort it.
+                    finished, writer = writer, None
+                    if finished is not None and item is not None:
                         try:
-                            staged = writer.finish()
+                            staged = finished.finish()
                         except DeliveryError as exc:
-                            self._fail(writer, item, exc)
+                            self._fail(finished, item, exc)
                         else:
-                            if isinstance(writer, _Tee):
-                                self._copies[item.key] = writer.copy
+                            if isinstance(finished, _Tee):
+                                self._copies[item.key] = finished.copy
                             self._batch.append((item, staged, started))
                             self._batch_bytes += staged.size
                             await self._maybe_commit()
-                    writer = None
                     item = None
         except BaseException:
             if writer is not None:

@@ -14,6 +14,7 @@ from gpopd import fetch, transfer
 from gpopd.config import load_config
 from gpopd.delivery.base import CommitResult, Staged
 from gpopd.delivery.memory import MemoryDestination
+from gpopd.errors import StoreError
 from gpopd.fetch import StoreWorker, poll_account, poll_once
 from gpopd.store import Store
 from gpopd.transport import Transport, make_tls_context
@@ -129,3 +130,27 @@ def test_tls_context_is_built_once_and_rebuilt_when_the_ca_changes(pki: TestPKI)
     assert again is not first
     assert again.verify_mode == ssl.CERT_REQUIRED
     assert again.minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+async def test_store_failure_in_an_earlier_window_is_the_error_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store failure seen while a later message is staged is the error the poll reports."""
+    monkeypatch.setattr(transfer, "MAX_COMMIT_WINDOW", 4)
+    real = Store.mark_delivered
+    calls = 0
+
+    def failing(self: Store, *args: object, **kwargs: object) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise StoreError("gpopd.db: disk I/O error")
+        real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Store, "mark_delivered", failing)
+    async with FakePop3(SMALL[:60]) as server:
+        settings = load_config(write_config(tmp_path, [spec_for(server, tmp_path)]), environ={})
+        [result] = await poll_once(settings)
+        assert server.deleted == set()
+    assert isinstance(result.error, StoreError), repr(result.error)
+    assert result.outcome != "internal-error"
