@@ -30,6 +30,8 @@ from gpopd.transport import Transport
 # A larger window hides more round trips; the byte bound keeps the server's
 # replies that we have asked for (and so our receive buffers) modest.
 MAX_PIPELINE_COMMANDS = 100
+# RFC 5034: an AUTH command line, CRLF included, is at most 255 octets.
+MAX_AUTH_LINE = 255
 MAX_PIPELINE_BYTES = 4 * 1024 * 1024
 
 TraceHook = Callable[[str, str], None]
@@ -217,16 +219,20 @@ class Session:
 
     async def _auth_plain(self, username: str, password: str) -> None:
         token = base64.b64encode(b"\0" + username.encode() + b"\0" + password.encode()).decode()
-        command = pop3.Auth("PLAIN")
+        # RFC 5034: the credentials go on the AUTH line itself (one round
+        # trip less) unless that would make it longer than 255 octets.
+        one_line = len("AUTH PLAIN ") + len(token) + 2 <= MAX_AUTH_LINE
+        command = pop3.Auth("PLAIN", token if one_line else None)
         self.send(command)
         event = await self.next_event()
-        if isinstance(event, pop3.Continuation):
+        if isinstance(event, pop3.Continuation) and not one_line:
             self.send(pop3.AuthResponse(token))
             event = await self.next_event()
-            if isinstance(event, pop3.Continuation):
-                # A second challenge means the server rejected us; cancel as the RFC asks.
-                self.send(pop3.AuthResponse("*"))
-                event = await self.next_event()
+        if isinstance(event, pop3.Continuation):
+            # A challenge after the credentials means the server rejected
+            # them; cancel as the RFC asks.
+            self.send(pop3.AuthResponse("*"))
+            event = await self.next_event()
         if isinstance(event, pop3.Err):
             raise error_for(command, event, during_login=True)
         if not isinstance(event, pop3.Ok):

@@ -104,6 +104,23 @@ async def test_max_sessions_per_poll_bounds_a_poll(pki: TestPKI, tmp_path: Path)
         assert sum(delivered_bodies(tmp_path).values()) == 300
 
 
+@pytest.mark.parametrize(
+    ("password", "form"),
+    [("short-app-password", "one-line"), ("p" * 200, "two-step")],
+    ids=["fits-255-octets", "too-long"],
+)
+async def test_auth_plain_sends_credentials_on_the_auth_line_when_they_fit(
+    pki: TestPKI, tmp_path: Path, password: str, form: str
+) -> None:
+    """AUTH PLAIN takes one round trip, two only when the line would pass 255 octets."""
+    async with GmailPop(pki, password=password) as server:
+        server.add(message(1))
+        result = await poll(tmp_path, spec(server, tmp_path, auth="plain"))
+        assert result.ok, result.error
+        assert result.delivered == 1
+        assert [(a.mechanism, a.form, a.ok) for a in server.auth_log] == [("PLAIN", form, True)]
+
+
 async def test_small_listing_does_not_start_another_session(pki: TestPKI, tmp_path: Path) -> None:
     """A session that listed fewer than gmail_batch_threshold messages ends the poll."""
     async with GmailPop(pki) as server:
@@ -347,7 +364,7 @@ async def test_oauth_revoked_refresh_token_is_a_clear_error(pki: TestPKI, tmp_pa
 async def test_server_that_relists_everything_gets_no_batch_sessions(
     tmp_path: Path, threshold: int | None, first_sessions: int
 ) -> None:
-    """Another server gets one session a poll; with the threshold set, one extra on the first sync."""
+    """Other servers get one session a poll; with the threshold set, one more on the first sync."""
     messages = [message(n) for n in range(250)]
     extra: dict[str, object] = {"timeout": "5s"}
     if threshold is not None:
