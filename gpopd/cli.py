@@ -177,6 +177,7 @@ def entry() -> None:
     closed and every delivery durable; only logging may hold buffered lines.
     """
     code = main()
+    logs.flush()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -7,10 +7,21 @@ shippers want), a readable console format on a terminal.  Standard-library
 records (asyncio, aiosmtplib) pass through the same processors, so they carry
 the same context and format.
 
+gpopd's own lines take structlog's native path (a filtering bound logger, the
+processors, then a write): going through the standard library's Logger,
+Handler and Formatter for each line cost three times as much, and a poll logs
+one line per message.  Only foreign records go through ``logging``; a handler
+on the root logger hands them to the same processors and the same outputs.
+
 With ``log_file``, every line also goes to that file, always as JSON lines
 (whatever the format on stdout), for systems without journald.  The file is
 created private (0600), reopened when logrotate or an administrator renamed
 it away, and on demand with ``reopen_log_file()`` (SIGHUP).
+
+Each output writes a line with a single write under its own lock, so lines
+logged at once from worker threads never interleave, and an output that
+fails costs its lines, never the caller: the failure is reported once on
+stderr and the next line tries again.
 
 Redaction here is a safety net only: the code never puts a password, a PASS
 or AUTH argument or a token into an event in the first place.
@@ -18,20 +29,26 @@ or AUTH argument or a token into an event in the first place.
 
 from __future__ import annotations
 
-import io
+import contextlib
+import functools
+import json
 import logging
-import logging.handlers
 import os
 import sys
-from collections.abc import MutableMapping
+import threading
+from collections.abc import Callable, MutableMapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, Literal, TextIO, cast
 
 import structlog
 
 from gpopd.errors import ConfigError
 
 LogFormat = Literal["json", "console", "logfmt"]
+
+Processor = Callable[[Any, str, Any], Any]
+
+_dict_tracebacks = structlog.processors.dict_tracebacks
 
 # Keys whose values are never printed, whatever code put them into an event.
 _SECRET_KEYS = frozenset(
@@ -55,25 +72,6 @@ def _redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Mutabl
     for key in _SECRET_KEYS.intersection(event):
         event[key] = REDACTED
     return event
-
-
-def _journal_prefix(
-    _logger: Any, _name: str, event: MutableMapping[str, Any]
-) -> MutableMapping[str, Any]:
-    # Runs before the renderer: stash the priority for the final formatter.
-    event["_priority"] = _JOURNAL_PRIORITY.get(str(event.get("level", "info")), 6)
-    return event
-
-
-class _PriorityPrefixRenderer:
-    """Wraps a renderer so each line starts with journald's ``<N>``."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> str:
-        priority = event.pop("_priority", 6)
-        return f"<{priority}>{self._inner(logger, name, event)}"
 
 
 def stdout_is_journal(stream: TextIO = sys.stdout) -> bool:
@@ -109,65 +107,323 @@ def _open_private_append(path: str) -> int:
         return fd
 
 
-class _PrivateLogFile(logging.handlers.WatchedFileHandler):
-    """A WatchedFileHandler whose file is created 0600 and can be reopened on demand.
+class _Output:
+    """An output reports a failure once on stderr, then again only after a line got through."""
 
-    The standard handler lets an error from reopening the file escape from
-    the logging call itself; here a file that cannot be opened costs its
-    lines (stdout still has them), is reported once on stderr, and is tried
-    again at each line.
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._failing = False
+
+    def _failed(self, message: str) -> None:
+        if self._failing:
+            return
+        self._failing = True
+        with contextlib.suppress(Exception):  # stderr may be the same broken pipe
+            print(message, file=sys.stderr, flush=True)
+
+
+class _StreamOutput(_Output):
+    """stdout (or the stream given to ``configure``): each line written and flushed whole."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__()
+        self.stream = stream
+
+    def write_line(self, line: str) -> None:
+        with self._lock:
+            try:
+                # One write of the whole line, then flushed: journald and tail
+                # see each line as soon as it is logged.
+                self.stream.write(line + "\n")
+                self.stream.flush()
+            except RecursionError:
+                raise
+            except Exception as exc:  # as logging.Handler does: drop the line, never raise
+                self._failed(f"gpopd: cannot write log lines: {exc}; dropping them")
+                return
+            self._failing = False
+
+    def flush(self) -> None:
+        # A failure was reported at the line that failed.
+        with self._lock, contextlib.suppress(Exception):
+            self.stream.flush()
+
+
+class _PrivateLogFile(_Output):
+    """The log file: created 0600, reopened when renamed away, one write a line.
+
+    Like ``logging.handlers.WatchedFileHandler``, each line first checks
+    (one ``os.stat``) whether the path still names the open file, so the
+    line after a rotation by rename lands in a new file.  A file that cannot
+    be opened costs its lines (stdout still has them), is reported once on
+    stderr, and is tried again at each line.
     """
 
     def __init__(self, path: Path) -> None:
-        self._failing = False
-        super().__init__(path, mode="a", encoding="utf-8", errors="backslashreplace")
+        super().__init__()
+        self.path = os.fspath(path)
+        self._fd: int | None = None
+        self._dev = self._ino = -1
+        self._closed = False
+        self._open()
 
-    def _open(self) -> io.TextIOWrapper:
-        fd = _open_private_append(self.baseFilename)
-        return open(fd, "a", encoding=self.encoding, errors=self.errors)
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
-    def _reopen(self, *, force: bool) -> None:
-        if force and self.stream is not None:
-            self.stream.flush()
-            self.stream.close()
-            self.stream = None  # _open() may fail
-        if self.stream is not None:
-            self.reopenIfNeeded()
-        if self.stream is None:
-            self.stream = self._open()
-            self._statstream()
-        self._failing = False
+    def _open(self) -> int:
+        fd = _open_private_append(self.path)
+        st = os.fstat(fd)
+        self._fd, self._dev, self._ino = fd, st.st_dev, st.st_ino
+        return fd
+
+    def _close_fd(self) -> None:
+        fd, self._fd, self._dev, self._ino = self._fd, None, -1, -1
+        if fd is not None:
+            with contextlib.suppress(OSError):  # every line was written by then
+                os.close(fd)
 
     def _report(self, exc: OSError) -> None:
-        if not self._failing:
-            self._failing = True
-            print(
-                f"gpopd: cannot write the log file {self.baseFilename}: {exc.strerror or exc};"
-                " retrying at each line",
-                file=sys.stderr,
-                flush=True,
+        self._failed(
+            f"gpopd: cannot write the log file {self.path}: {exc.strerror or exc};"
+            " retrying at each line"
+        )
+
+    def write_line(self, line: str) -> None:
+        data = (line + "\n").encode("utf-8", "backslashreplace")
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                try:
+                    st: os.stat_result | None = os.stat(self.path)
+                except FileNotFoundError:
+                    st = None
+                fd = self._fd
+                if fd is None or st is None or (st.st_ino, st.st_dev) != (self._ino, self._dev):
+                    self._close_fd()
+                    fd = self._open()
+                written = os.write(fd, data)
+                while written < len(data):
+                    # O_APPEND: the rest of a short write (a full disk) still
+                    # goes to the end.
+                    data = data[written:]
+                    written = os.write(fd, data)
+            except OSError as exc:
+                self._report(exc)
+                return
+            self._failing = False
+
+    def reopen(self) -> None:
+        """Close and reopen now; a failure is reported on stderr and raised."""
+        with self._lock:
+            if self._closed:
+                return
+            self._close_fd()
+            try:
+                self._open()
+            except OSError as exc:
+                self._report(exc)
+                raise
+            self._failing = False
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._close_fd()
+
+
+@functools.lru_cache(maxsize=4)
+def _encoder(default: Callable[[Any], Any]) -> Callable[[Any], str]:
+    return json.JSONEncoder(default=default).encode
+
+
+def _dumps(obj: Any, *, default: Callable[[Any], Any]) -> str:
+    # json.dumps(obj, default=...) builds a new JSONEncoder at each call; this
+    # reuses one with the very same settings, so the output is the same.
+    return _encoder(default)(obj)
+
+
+class _Render:
+    """The last processor: renders the event once for stdout and once for the log file.
+
+    Returns the arguments of the logger call, ``(stdout_line, file_line)``,
+    ``file_line`` being None without a log file.  The log file always gets
+    JSON without journald's prefix; with JSON on stdout too, one rendering
+    serves both.
+    """
+
+    def __init__(self, fmt: LogFormat, *, colors: bool, journal: bool, log_file: bool) -> None:
+        self._json = structlog.processors.JSONRenderer(serializer=_dumps)
+        self._journal = journal
+        self._log_file = log_file
+        self._stdout: list[Processor] | None
+        if fmt == "console":
+            self._stdout = [structlog.dev.ConsoleRenderer(colors=colors)]
+        elif fmt == "logfmt":
+            renderer = structlog.processors.LogfmtRenderer(
+                key_order=["timestamp", "level", "event", "account"],
+                drop_missing=True,
+                # "key=true", not a bare "key": every field parses as key=value.
+                bool_as_flag=False,
             )
+            self._stdout = [_dict_tracebacks, renderer]
+        else:
+            self._stdout = None
+
+    def __call__(
+        self, logger: Any, name: str, event: MutableMapping[str, Any]
+    ) -> tuple[tuple[str, str | None], dict[str, Any]]:
+        # Renderers pop keys: what a fallback line needs is taken first.
+        essentials = (event.get("event"), event.get("level", name), event.get("timestamp"))
+        try:
+            return self._render(logger, name, event)
+        except RecursionError:
+            raise
+        except Exception as exc:
+            # A log call must never fail the work it describes (a delivery,
+            # a commit): a value that cannot be rendered costs its line only.
+            fallback = {
+                "event": str(essentials[0]),
+                "level": str(essentials[1]),
+                "timestamp": str(essentials[2]),
+                "log_error": f"this line could not be rendered: {type(exc).__name__}",
+            }
+            line = json.dumps(fallback)
+            return (line, line if self._log_file else None), {}
+
+    def _render(
+        self, logger: Any, name: str, event: MutableMapping[str, Any]
+    ) -> tuple[tuple[str, str | None], dict[str, Any]]:
+        # Before rendering: ConsoleRenderer pops the level from the event.
+        priority = _JOURNAL_PRIORITY.get(str(event.get("level", "info")), 6)
+        file_line: str | None = None
+        line: Any
+        if self._stdout is None:
+            line = self._json(logger, name, _dict_tracebacks(logger, name, event))
+            if self._log_file:
+                file_line = line
+        else:
+            if self._log_file:
+                # Renderers change the event they get (ConsoleRenderer pops
+                # its keys): the file's rendering works on its own copy.
+                copy = _dict_tracebacks(logger, name, dict(event))
+                file_line = cast(str, self._json(logger, name, copy))
+            line = event
+            for processor in self._stdout:
+                line = processor(logger, name, line)
+        if self._journal:
+            line = f"<{priority}>{line}"
+        return (line, file_line), {}
+
+
+class _Outputs:
+    """stdout and the log file of one configure(); the log file is closed with them."""
+
+    def __init__(self, stdout: _StreamOutput, log_file: _PrivateLogFile | None) -> None:
+        self.stdout = stdout
+        self.log_file = log_file
+
+    def write(self, line: str, file_line: str | None) -> None:
+        self.stdout.write_line(line)
+        if file_line is not None and self.log_file is not None:
+            self.log_file.write_line(file_line)
+
+    def flush(self) -> None:
+        self.stdout.flush()
+
+    def close(self) -> None:
+        # stdout is not ours to close; the log file is.
+        self.stdout.flush()
+        if self.log_file is not None:
+            self.log_file.close()
+
+
+class _Writer:
+    """The logger under gpopd's structlog loggers: hands rendered lines to the outputs.
+
+    One for the whole process, so loggers structlog cached before a later
+    configure() write to the outputs of that later configure().
+    """
+
+    outputs: _Outputs | None = None
+
+    def __call__(self, *_args: Any) -> _Writer:
+        """Serve as structlog's logger factory."""
+        return self
+
+    def write(self, line: str, file_line: str | None = None) -> None:
+        outputs = self.outputs
+        if outputs is not None:
+            outputs.write(line, file_line)
+
+    msg = log = debug = info = warn = warning = error = exception = critical = fatal = write
+
+
+class _BoundLogger(structlog.BoundLoggerBase):
+    """structlog's filtering bound logger, its level set by configure().
+
+    configure() copies in the methods of ``make_filtering_bound_logger(level)``:
+    a line below the level costs one call that returns None, and loggers
+    structlog cached earlier follow a new level, which instances of the class
+    made for the old level would not.
+    """
+
+
+def _set_level(level: int) -> None:
+    filtering = structlog.make_filtering_bound_logger(level)
+    for name, method in vars(filtering).items():
+        if not name.startswith("__"):
+            setattr(_BoundLogger, name, method)
+
+
+_set_level(logging.INFO)
+
+
+class _ForeignRecords(logging.Handler):
+    """Standard-library records (asyncio, aiosmtplib) through gpopd's processors and outputs.
+
+    The event is built as structlog's ``ProcessorFormatter`` builds it for a
+    foreign record, so these lines look exactly like gpopd's own.
+    """
+
+    def __init__(self, processors: Sequence[Processor], outputs: _Outputs) -> None:
+        super().__init__()
+        self._processors = processors
+        self.outputs = outputs
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self._reopen(force=False)
-        except OSError as exc:
-            self._report(exc)
-            return
-        logging.StreamHandler.emit(self, record)
-
-    def reopen(self) -> None:
-        self.acquire()
-        try:
-            self._reopen(force=True)
-        except OSError as exc:
-            self._report(exc)
+            name = record.levelname.lower()
+            event: Any = {"event": record.getMessage()}
+            if record.exc_info:
+                event["exc_info"] = record.exc_info
+            if record.stack_info:
+                event["stack_info"] = record.stack_info
+            for processor in self._processors:
+                event = processor(None, name, event)
+            (line, file_line), _ = event
+            self.outputs.write(line, file_line)
+        except RecursionError:
             raise
-        finally:
-            self.release()
+        except Exception:  # logging's own policy for a record that fails
+            self.handleError(record)
+
+    def flush(self) -> None:
+        self.outputs.flush()
+
+    def close(self) -> None:
+        if _WRITER.outputs is self.outputs:
+            _WRITER.outputs = None
+        self.outputs.close()
+        super().close()
 
 
-# Handlers installed by configure(), closed when it runs again.
+_WRITER = _Writer()
+# The one processor list given to structlog, changed in place by configure()
+# (as structlog.testing.capture_logs does) so cached loggers follow it.
+_PROCESSORS: list[Processor] = []
+# The handler installed by configure(), closed when it runs again.
 _installed: list[logging.Handler] = []
 _log_file: _PrivateLogFile | None = None
 
@@ -177,7 +433,7 @@ def reopen_log_file() -> bool:
 
     Call it from the event loop (``loop.add_signal_handler``), not from a
     ``signal.signal`` handler, which could run while a line is half written.
-    A file that cannot be opened is reported on the other handlers and
+    A file that cannot be opened is reported on the other outputs and
     retried at each later line; returns False then, else True.
     """
     if _log_file is None:
@@ -186,10 +442,16 @@ def reopen_log_file() -> bool:
         _log_file.reopen()
     except OSError as exc:
         logging.getLogger("gpopd.logs").error(
-            "cannot reopen the log file %s: %s", _log_file.baseFilename, exc.strerror or exc
+            "cannot reopen the log file %s: %s", _log_file.path, exc.strerror or exc
         )
         return False
     return True
+
+
+def flush() -> None:
+    """Flush every output; call it before ``os._exit``."""
+    for handler in _installed:
+        handler.flush()
 
 
 def choose_format(requested: LogFormat | None, stream: TextIO = sys.stdout) -> LogFormat:
@@ -208,18 +470,19 @@ def configure(
     stream: TextIO | None = None,
     log_file: Path | None = None,
 ) -> None:
-    """Configure structlog and the standard library's logging once, at start-up.
+    """Configure structlog and the standard library's logging, at start-up.
 
     ``fmt`` applies to ``stream`` (stdout by default); ``log_file``, when
     given, receives the same lines as JSON always, whatever ``fmt`` is.  A
     log file that cannot be opened raises ``ConfigError`` before anything
-    else changes.
+    else changes.  Calling it again (once the configuration names a log
+    file) replaces the outputs, also for loggers already in use.
     """
     global _log_file  # noqa: PLW0603  # logging is process-wide by nature
-    file_handler = None
+    file_output = None
     if log_file is not None:
         try:
-            file_handler = _PrivateLogFile(Path(log_file))
+            file_output = _PrivateLogFile(Path(log_file))
         except OSError as exc:
             raise ConfigError(f"log_file {log_file}: {exc.strerror or exc}") from exc
 
@@ -228,71 +491,39 @@ def configure(
     journal = stdout_is_journal(out)
     numeric_level = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
 
-    shared: list[Any] = [
+    render = _Render(
+        chosen,
+        colors=chosen == "console" and out.isatty() and not journal,
+        journal=journal,
+        log_file=file_output is not None,
+    )
+    processors: list[Processor] = [
         structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_log_level,
+        structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _redact,
+        render,
     ]
-    renderer: Any
-    if chosen == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty() and not journal)
-    elif chosen == "logfmt":
-        renderer = structlog.processors.LogfmtRenderer(
-            key_order=["timestamp", "level", "event", "account"],
-            drop_missing=True,
-            # "key=true", not a bare "key": every field parses as key=value.
-            bool_as_flag=False,
-        )
-    else:
-        renderer = structlog.processors.JSONRenderer()
-    final: list[Any] = []
-    if chosen != "console":
-        final.append(structlog.processors.dict_tracebacks)
-    if journal:
-        final.append(_journal_prefix)
-        renderer = _PriorityPrefixRenderer(renderer)
+    outputs = _Outputs(_StreamOutput(out), file_output)
+    handler = _ForeignRecords(processors, outputs)
 
-    formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=shared,
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *final, renderer],
-    )
-    handler = logging.StreamHandler(out)
-    handler.setFormatter(formatter)
-    handlers: list[logging.Handler] = [handler]
-    if file_handler is not None:
-        # Each formatter works on its own copy of the event, so the two
-        # renderings do not see each other's changes.
-        file_handler.setFormatter(
-            structlog.stdlib.ProcessorFormatter(
-                foreign_pre_chain=shared,
-                processors=[
-                    structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                    structlog.processors.dict_tracebacks,
-                    structlog.processors.JSONRenderer(),
-                ],
-            )
-        )
-        handlers.append(file_handler)
-
+    # The new outputs before the old ones close: a line another thread logs
+    # meanwhile still reaches stdout.
+    _set_level(numeric_level)
+    _PROCESSORS[:] = processors
+    _WRITER.outputs = outputs
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(numeric_level)
     for old in _installed:
         old.close()
-    _installed[:] = handlers
-    _log_file = file_handler
-    for new in handlers:
-        root.addHandler(new)
-    root.setLevel(numeric_level)
-
+    _installed[:] = [handler]
+    _log_file = file_output
     structlog.configure(
-        processors=[
-            structlog.stdlib.filter_by_level,
-            *shared,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        processors=_PROCESSORS,
+        wrapper_class=_BoundLogger,
+        logger_factory=_WRITER,
         cache_logger_on_first_use=True,
     )
