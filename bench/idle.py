@@ -24,10 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.support.certs import make_pki
-from tests.support.corpus import small_corpus
-from tests.support.dovecot import Dovecot
-from tests.support.gpopd_config import AccountSpec, write_config
+from bench.manyaccounts import start_accounts
+from tests.support.gpopd_config import write_config
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -52,28 +50,9 @@ def main() -> int:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="gpopd-idle-"))
-    # Dovecot's unprivileged processes must reach the mail below it.
-    os.chmod(work, 0o755)  # noqa: S103
-    users = {f"u{n:04d}": f"pw-{n:04d}" for n in range(args.accounts)}
-    pki = make_pki(work / "pki")
-    dovecot = Dovecot(work / "dovecot", pki, users=users, lmtp=False)
-    dovecot.start()
+    dovecot, specs = start_accounts(work, args.accounts, args.messages)
     daemon: subprocess.Popen[bytes] | None = None
     try:
-        for n, user in enumerate(users):
-            dovecot.add_messages(user, small_corpus(args.messages, seed=n, size=2048))
-        specs = [
-            AccountSpec(
-                user,
-                dovecot.pop3s_port,
-                user,
-                password,
-                work / "mail" / user,
-                ca_file=pki.ca_file,
-                extra={"poll_interval": "10m"},
-            )
-            for user, password in users.items()
-        ]
         config = write_config(work / "config", specs, max_sessions=64, max_sessions_per_host=64)
         log_path = work / "daemon.log"
         with log_path.open("wb") as log_file:

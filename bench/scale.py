@@ -156,33 +156,12 @@ def child(config: Path, debug: bool) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tests.support.certs import make_pki
-    from tests.support.corpus import small_corpus
-    from tests.support.dovecot import Dovecot
-    from tests.support.gpopd_config import AccountSpec, write_config
+    from bench.manyaccounts import start_accounts
+    from tests.support.gpopd_config import write_config
 
     work = Path(tempfile.mkdtemp(prefix="gpopd-scale-"))
-    # Dovecot's unprivileged processes must reach the mail below it.
-    os.chmod(work, 0o755)  # noqa: S103
-    users = {f"u{n:04d}": f"pw-{n:04d}" for n in range(args.accounts)}
-    pki = make_pki(work / "pki")
-    dovecot = Dovecot(work / "dovecot", pki, users=users, lmtp=False)
-    dovecot.start()
+    dovecot, specs = start_accounts(work, args.accounts, args.messages)
     try:
-        for n, user in enumerate(users):
-            dovecot.add_messages(user, small_corpus(args.messages, seed=n, size=2048))
-        specs = [
-            AccountSpec(
-                user,
-                dovecot.pop3s_port,
-                user,
-                password,
-                work / "mail" / user,
-                ca_file=pki.ca_file,
-                extra={"poll_interval": "10m"},
-            )
-            for user, password in users.items()
-        ]
         config = write_config(
             work / "config",
             specs,
