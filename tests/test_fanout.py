@@ -22,7 +22,12 @@ from gpopd.fetch import PollResult, poll_once
 from tests.support.certs import TestPKI
 from tests.support.corpus import expected_delivery, mixed_corpus
 from tests.support.dovecot import TEST_USERS, Dovecot
-from tests.support.gpopd_config import AccountSpec, maildir_contents, write_config
+from tests.support.gpopd_config import (
+    AccountSpec,
+    maildir_contents,
+    write_account_yaml,
+    write_config,
+)
 from tests.support.smtpd import RecordingHandler, running_server
 
 ACCOUNT = "acct"
@@ -244,18 +249,7 @@ async def test_maildirs_as_children(tmp_path: Path) -> None:
 
 
 def config(tmp_path: Path, delivery: str) -> Path:
-    path = tmp_path / "gpopd.yaml"
-    path.write_text(
-        f"state_dir: {tmp_path / 'state'}\n"
-        "accounts:\n"
-        "  a:\n"
-        "    host: pop.example.test\n"
-        "    username: u\n"
-        "    password: {env: PW}\n"
-        f"    delivery: {delivery}\n"
-    )
-    path.chmod(0o600)
-    return path
+    return write_account_yaml(tmp_path, f"    delivery: {delivery}\n")
 
 
 async def test_config_list_builds_a_fan_out(tmp_path: Path) -> None:

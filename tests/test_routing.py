@@ -27,7 +27,12 @@ from gpopd.errors import EX_CONFIG, TemporaryDeliveryError
 from gpopd.fetch import PollResult, poll_once
 from tests.support.certs import TestPKI
 from tests.support.dovecot import TEST_USERS, Dovecot
-from tests.support.gpopd_config import AccountSpec, maildir_contents, write_config
+from tests.support.gpopd_config import (
+    AccountSpec,
+    maildir_contents,
+    write_account_yaml,
+    write_config,
+)
 from tests.support.smtpd import running_server
 
 ACCOUNT = "acct"
@@ -185,21 +190,6 @@ def test_relay_writer_collects_recipients_without_the_sender() -> None:
     staged.release()
 
 
-def write_yaml(tmp_path: Path, account_lines: str) -> Path:
-    path = tmp_path / "gpopd.yaml"
-    path.write_text(
-        f"state_dir: {tmp_path / 'state'}\n"
-        "accounts:\n"
-        "  a:\n"
-        "    host: pop.example.test\n"
-        "    username: u\n"
-        "    password: {env: PW}\n"
-        f"{account_lines}"
-    )
-    path.chmod(0o600)
-    return path
-
-
 @pytest.mark.parametrize(
     ("route", "named", "message"),
     [
@@ -230,7 +220,7 @@ def test_bad_routes_exit_78_naming_the_key(
     tmp_path: Path, route: str, named: str, message: str
 ) -> None:
     """check-config exits 78 and names the offending key with its line."""
-    path = write_yaml(
+    path = write_account_yaml(
         tmp_path, f"    routes:\n      - {route}\n    delivery: {{type: maildir, path: /m}}\n"
     )
     done = subprocess.run(

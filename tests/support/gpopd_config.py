@@ -58,6 +58,26 @@ def write_config(directory: Path, accounts: list[AccountSpec], **top: Any) -> Pa
     return path
 
 
+def write_account_yaml(directory: Path, account_lines: str) -> Path:
+    """A config with one account ``a`` (never contacted) and ``account_lines`` appended to it.
+
+    For tests of what the loader builds from the lines; the password comes
+    from the environment variable PW.
+    """
+    path = directory / "gpopd.yaml"
+    path.write_text(
+        f"state_dir: {directory / 'state'}\n"
+        "accounts:\n"
+        "  a:\n"
+        "    host: pop.example.test\n"
+        "    username: u\n"
+        "    password: {env: PW}\n"
+        f"{account_lines}"
+    )
+    path.chmod(0o600)
+    return path
+
+
 def maildir_contents(maildir: Path) -> list[bytes]:
     """Every delivered message (new/ and cur/), sorted, for multiset comparison."""
     found = []
