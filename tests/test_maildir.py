@@ -441,13 +441,40 @@ async def test_write_error_is_temporary_and_frees_the_space(
     """ENOSPC while writing raises TemporaryDeliveryError and removes the partial file."""
     writer = dest.open(info("u"))
 
-    def full_disk(fd: int, data: bytes) -> int:
+    def full_disk(fd: int, data: object) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "write", full_disk)
+    monkeypatch.setattr(os, "writev", full_disk)
     with pytest.raises(TemporaryDeliveryError, match="No space left"):
         writer.write(b"x" * BUFFER_SIZE)
     assert names(maildir / "tmp") == []
+
+
+async def test_short_writes_still_write_every_byte_in_order(
+    dest: MaildirDestination, maildir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large message survives writev and write calls that each write only part of the data."""
+    real_writev, real_write = os.writev, os.write
+
+    def short_writev(fd: int, buffers: list[bytes]) -> int:
+        first = bytes(buffers[0])
+        return real_writev(fd, [first[: max(1, len(first) // 3)]])
+
+    def short_write(fd: int, data: bytes) -> int:
+        return real_write(fd, bytes(data)[:4093])
+
+    monkeypatch.setattr(os, "writev", short_writev)
+    monkeypatch.setattr(os, "write", short_write)
+    pieces = [bytes([65 + n % 26]) * (50_000 + n) for n in range(30)]  # ~1.5 MB in 30 writes
+    writer = dest.open(info("big"))
+    for piece in pieces:
+        writer.write(piece)
+    staged = writer.finish()
+    [outcome] = await dest.commit([staged])
+    assert outcome.error is None
+    [name] = names(maildir / "new")
+    assert (maildir / "new" / name).read_bytes() == b"".join(pieces)
 
 
 # -- commit -------------------------------------------------------------------------
