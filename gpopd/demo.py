@@ -105,9 +105,12 @@ class DemoPop3Server:
                         authed = user == DEMO_USER and " ".join(args) == self.password
                         send("+OK welcome" if authed else "-ERR [AUTH] invalid credentials")
                     elif verb == "AUTH" and args and args[0].upper() == "PLAIN":
-                        send("+ ")
-                        await writer.drain()
-                        answer = (await reader.readline()).strip()
+                        if len(args) > 1:  # RFC 5034 initial response
+                            answer = args[1].encode()
+                        else:
+                            send("+ ")
+                            await writer.drain()
+                            answer = (await reader.readline()).strip()
                         try:
                             _, name, secret = base64.b64decode(answer, validate=True).split(b"\0")
                         except ValueError:
