@@ -225,7 +225,9 @@ class Session:
         command = pop3.Auth("PLAIN", token if one_line else None)
         self.send(command)
         event = await self.next_event()
-        if isinstance(event, pop3.Continuation) and not one_line:
+        if isinstance(event, pop3.Continuation):
+            # Two steps; or a server that ignored the initial response and
+            # asks for the credentials as RFC 1734 servers do: answer it.
             self.send(pop3.AuthResponse(token))
             event = await self.next_event()
         if isinstance(event, pop3.Continuation):

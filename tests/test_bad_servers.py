@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 from pathlib import Path
 
 import pytest
@@ -177,3 +179,49 @@ async def test_stls_stripping_is_refused_before_credentials(
 def pki_ca_file(pki: object) -> Path:
     """The test CA, so that only the STLS behaviour decides the outcome."""
     return pki.ca_file  # type: ignore[attr-defined, no-any-return]
+
+
+async def test_server_ignoring_the_auth_initial_response_still_logs_in(tmp_path: Path) -> None:
+    """A server that answers AUTH PLAIN <credentials> with "+ " gets them again and lets us in."""
+    user, password = "alice", "s3cret"
+    token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+    seen: list[str] = []
+
+    async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"+OK ready\r\n")
+        authed = False
+        while line := await reader.readline():
+            text = line.decode().rstrip("\r\n")
+            seen.append(text.split(" ")[0] if text != token else "<credentials>")
+            verb = text.split(" ")[0].upper()
+            if verb == "CAPA":
+                writer.write(b"+OK\r\nSASL PLAIN\r\nUIDL\r\n.\r\n")
+            elif verb == "AUTH":
+                writer.write(b"+ \r\n")  # the initial response is ignored
+            elif text == token and not authed:
+                authed = True
+                writer.write(b"+OK welcome\r\n")
+            elif verb == "STAT" and authed:
+                writer.write(b"+OK 0 0\r\n")
+            elif verb in ("UIDL", "LIST") and authed:
+                writer.write(b"+OK\r\n.\r\n")
+            elif verb == "QUIT":
+                writer.write(b"+OK bye\r\n")
+                break
+            else:
+                writer.write(b"-ERR no\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(client, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        account = AccountSpec(
+            "alice", port, user, password, tmp_path / "alice", tls="none", extra={"timeout": "5s"}
+        )
+        [result] = await poll(tmp_path, account)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert result.ok, result.error
+    assert seen[:3] == ["CAPA", "AUTH", "<credentials>"]
