@@ -30,9 +30,9 @@ from gpopd.transport import Transport
 # A larger window hides more round trips; the byte bound keeps the server's
 # replies that we have asked for (and so our receive buffers) modest.
 MAX_PIPELINE_COMMANDS = 100
+MAX_PIPELINE_BYTES = 4 * 1024 * 1024
 # RFC 5034: an AUTH command line, CRLF included, is at most 255 octets.
 MAX_AUTH_LINE = 255
-MAX_PIPELINE_BYTES = 4 * 1024 * 1024
 
 TraceHook = Callable[[str, str], None]
 
