@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from gpopd.config import LmtpDelivery
 from gpopd.delivery.base import CommitResult, MessageInfo, message_key
 from gpopd.delivery.lmtp import MAX_REPLY_LINE, DotStuffer, LmtpDestination
-from gpopd.delivery.smtp import EIGHT_BIT_REFUSED, RelayCommitResult, RelayStaged
+from gpopd.delivery.relay import EIGHT_BIT_REFUSED, RelayCommitResult, RelayStaged
 from gpopd.delivery.spool import CHUNK_SIZE
 from gpopd.errors import PermanentDeliveryError, TemporaryDeliveryError
 from tests.support.dovecot import Dovecot

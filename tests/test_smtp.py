@@ -13,14 +13,14 @@ import pytest
 
 from gpopd.config import SmtpDelivery
 from gpopd.delivery.base import CommitResult, MessageInfo, message_key
-from gpopd.delivery.smtp import (
+from gpopd.delivery.relay import (
     EIGHT_BIT_REFUSED,
     RelayCommitResult,
     RelayStaged,
-    SmtpDestination,
     envelope_sender,
     tls_client_context,
 )
+from gpopd.delivery.smtp import SmtpDestination
 from gpopd.errors import ConfigError, PermanentDeliveryError, TemporaryDeliveryError
 from tests.support.certs import TestPKI
 from tests.support.smtpd import (

@@ -34,43 +34,18 @@ import aiosmtplib
 
 from gpopd.config import SmtpDelivery
 from gpopd.delivery.relay import (
-    EIGHT_BIT_REFUSED,
-    NUL_REFUSED,
-    UTF8_REFUSED,
-    RelayCommitResult,
     RelayDestination,
     RelayDropped,
     RelaySessionFailed,
     RelayStaged,
     RelayStalled,
-    RelayWriter,
     delivery_error,
-    envelope_address,
-    envelope_sender,
     server_words,
     tls_client_context,
 )
 from gpopd.errors import ConfigError, DeliveryError, PermanentDeliveryError, TemporaryDeliveryError
 
-# The relay names are re-exported: they were first defined here.
-__all__ = [
-    "EIGHT_BIT_REFUSED",
-    "NUL_REFUSED",
-    "UTF8_REFUSED",
-    "RelayCommitResult",
-    "RelayDestination",
-    "RelayDropped",
-    "RelaySessionFailed",
-    "RelayStaged",
-    "RelayStalled",
-    "RelayWriter",
-    "SmtpDestination",
-    "delivery_error",
-    "envelope_address",
-    "envelope_sender",
-    "server_words",
-    "tls_client_context",
-]
+__all__ = ["SmtpDestination"]
 
 
 class SmtpDestination(RelayDestination):
