@@ -38,6 +38,19 @@ def create_private_file(path: Path) -> int:
     return fd
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (signal 0 checks without sending anything)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user (the daemon's DynamicUser)
+    return True
+
+
 class AccountLock:
     """An exclusive, non-blocking lock on one account across gpopd processes.
 

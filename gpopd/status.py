@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from gpopd.accountlock import pid_alive
 from gpopd.store import Store
 from gpopd.tokencache import token_status
 
@@ -36,7 +36,6 @@ __all__ = [
     "daemon_status",
     "format_bytes",
     "format_span",
-    "pid_alive",
     "printable",
     "render_json",
     "render_text",
@@ -123,19 +122,6 @@ class AccountStatus:
     pending: int = 0
     skipped: int = 0
     oauth: OAuthStatus | None = None
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists (signal 0 checks without sending anything)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by another user (the daemon's DynamicUser)
-    return True
 
 
 def daemon_status(

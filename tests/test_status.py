@@ -16,6 +16,7 @@ import pytest
 
 from gpopd import status
 from gpopd import store as store_module
+from gpopd.accountlock import pid_alive
 from gpopd.errors import StoreError
 from gpopd.status import (
     AccountStatus,
@@ -385,9 +386,9 @@ def test_daemon_status_states(store: Store) -> None:
 
 def test_pid_alive() -> None:
     """pid_alive() is true for this process and false for a reaped child and for 0."""
-    assert status.pid_alive(os.getpid())
-    assert not status.pid_alive(dead_pid())
-    assert not status.pid_alive(0)
+    assert pid_alive(os.getpid())
+    assert not pid_alive(dead_pid())
+    assert not pid_alive(0)
 
 
 # -- account status -------------------------------------------------------------------

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpopd.accountlock import pid_alive
 from gpopd.errors import TemporaryDeliveryError
 
 __all__ = [
@@ -194,12 +195,5 @@ def create_dotlock_in_place(lock: Path, content: bytes) -> int | None:
 
 def _alive(pid: int) -> bool:
     # The guard is ours, so a dotlock naming this process is a leftover.
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+    return pid != os.getpid() and pid_alive(pid)
     return True
