@@ -10,6 +10,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from gpopd import privatefs
 from gpopd.errors import StoreError
 
 __all__ = ["AccountLock", "create_private_file", "make_private_dir"]
@@ -18,24 +19,12 @@ __all__ = ["AccountLock", "create_private_file", "make_private_dir"]
 def make_private_dir(path: Path) -> None:
     """Create directory ``path`` (and its parents) for the owner only, if missing."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        return
-    # mkdir's mode is filtered by the umask; the owner needs all three bits.
-    os.chmod(path, 0o700)
+    privatefs.make_private_dir(path)
 
 
 def create_private_file(path: Path) -> int:
     """Open ``path`` read-write, creating it 0600 if missing; the descriptor."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        if os.fstat(fd).st_mode & 0o777 != 0o600:
-            os.fchmod(fd, 0o600)
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
+    return privatefs.open_private(path, os.O_RDWR | os.O_CREAT)
 
 
 def pid_alive(pid: int) -> bool:

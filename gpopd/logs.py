@@ -43,6 +43,7 @@ from typing import Any, Literal, TextIO, cast
 import structlog
 
 from gpopd.errors import ConfigError
+from gpopd.privatefs import open_private
 
 LogFormat = Literal["json", "console", "logfmt"]
 
@@ -90,21 +91,13 @@ def _open_private_append(path: str) -> int:
     flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
     while True:
         try:
-            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            return open_private(path, flags | os.O_CREAT | os.O_EXCL)
         except FileExistsError:
             try:
                 # An existing file keeps the mode its owner gave it.
                 return os.open(path, flags)
             except FileNotFoundError:
                 continue  # renamed away between the two calls: create it after all
-        try:
-            # O_CREAT's mode went through the umask, which may have removed
-            # the owner's write bit (umask 0277) or nothing at all.
-            os.fchmod(fd, 0o600)
-        except OSError:
-            os.close(fd)
-            raise
-        return fd
 
 
 class _Output:

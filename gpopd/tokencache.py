@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gpopd.config import Account, OAuth
+from gpopd.privatefs import open_private
 
 CACHE_DIR = "oauth"
 CACHE_FORMAT = 1
@@ -37,10 +38,9 @@ def _owner_like(path: Path, reference: Path) -> None:
 def write_private_file(path: Path, data: bytes, *, owner_of: Path | None = None) -> None:
     """Replace ``path`` atomically with ``data``, mode 0600 (tmp file, fsync, rename)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW)
     try:
         try:
-            os.fchmod(fd, 0o600)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]

@@ -39,6 +39,7 @@ from gpopd.delivery.base import (
 )
 from gpopd.errors import DeliveryError, TemporaryDeliveryError
 from gpopd.failpoints import failpoint
+from gpopd.privatefs import make_private_dir, open_private
 
 __all__ = ["BUFFER_SIZE", "MaildirDestination", "MaildirStaged", "parse_key"]
 
@@ -104,17 +105,6 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
 
 
-def _make_private_dir(path: Path) -> None:
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        if not path.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path)) from None
-        return
-    # mkdir's mode is filtered by the umask; the owner needs all three bits.
-    os.chmod(path, 0o700)
-
-
 @dataclass(eq=False)
 class MaildirStaged(Staged):
     """A complete message: still in memory (``data``) or in ``tmp/``, open as ``fd``."""
@@ -130,16 +120,7 @@ class MaildirStaged(Staged):
 
 def _create(path: str) -> int:
     """Create ``path`` for writing, 0600 whatever the umask; O_EXCL."""
-    fd = os.open(path, _CREATE_FLAGS, 0o600)
-    try:
-        # O_CREAT's mode is filtered by the umask; mail is for the owner only.
-        if os.fstat(fd).st_mode & 0o777 != 0o600:
-            os.fchmod(fd, 0o600)
-    except OSError:
-        os.close(fd)
-        _unlink_quietly(path)
-        raise
-    return fd
+    return open_private(path, _CREATE_FLAGS)
 
 
 def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -320,9 +301,9 @@ class MaildirDestination(Destination):
                 missing.append(directory)
                 directory = directory.parent
             for directory in reversed(missing):
-                _make_private_dir(directory)
+                make_private_dir(directory)
             for directory in (self.path, self._tmp, self._new, self._cur):
-                _make_private_dir(directory)
+                make_private_dir(directory)
             # The caller holds the account lock, so no writer of ours is
             # using these files: they are what a crash left behind.
             with os.scandir(self._tmp) as entries:

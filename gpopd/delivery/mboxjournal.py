@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpopd import privatefs
 from gpopd.delivery.spool import CHUNK_SIZE
 from gpopd.errors import TemporaryDeliveryError
 
@@ -69,13 +70,10 @@ def open_private(path: Path, flags: int) -> int:
         except FileNotFoundError:
             pass
         try:
-            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = privatefs.open_private(path, flags | os.O_CREAT | os.O_EXCL)
         except FileExistsError:
             continue
         try:
-            # O_CREAT's mode is filtered by the umask; mail is for the owner only.
-            if os.fstat(fd).st_mode & 0o777 != 0o600:
-                os.fchmod(fd, 0o600)
             fsync_dir(path.parent)
         except OSError:
             os.close(fd)
