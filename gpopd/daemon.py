@@ -192,9 +192,6 @@ class Daemon:
         log.info("gpopd stopped")
         return EX_OK
 
-    def request_stop(self) -> None:
-        self._stop.set()
-
     def _start_token_refresh(self, settings: Settings) -> None:
         """Keep OAuth2 access tokens fresh ahead of expiry, in the background."""
         if self._refresher is not None:
