@@ -303,6 +303,20 @@ def test_unstuffing_round_trip(lines: list[bytes], eol: bytes, data: st.DataObje
     check_unstuffing(lines, eol, data)
 
 
+# Lines made mostly of CRs and dots: bare CRs next to CRLFs, before a line
+# end, doubled, and at the start of stuffed lines.
+CR_LINES = st.lists(
+    st.lists(st.sampled_from([b"\r", b".", b"a"]), max_size=8).map(b"".join), max_size=30
+)
+
+
+@FAST
+@given(lines=CR_LINES, data=st.data())
+def test_bare_cr_stays_and_only_crlf_becomes_lf(lines: list[bytes], data: st.DataObject) -> None:
+    """Only a CR that starts a CRLF goes; every other CR reaches the content."""
+    check_unstuffing(lines, b"\r\n", data)
+
+
 @pytest.mark.slow
 @SLOW
 @given(lines=CONTENT_LINES, eol=st.sampled_from([b"\r\n", b"\n"]), data=st.data())
