@@ -26,7 +26,7 @@ SLICE: Final = 256 * 1024
 
 # Dots not at a line start tolerated per slice before _next_dot switches
 # from memchr to the regular expression.
-_DOT_MISSES: Final = 16
+_DOT_MISSES: Final = 4
 
 _LINE_START_DOT: Final = re.compile(rb"\n\.")
 
@@ -40,9 +40,8 @@ _AMBIGUOUS: Final = -1
 # just past the terminator line.
 
 
-def _classify_dot(s: bytes, j: int) -> int:
-    """Classify the line-start dot at ``s[j]``."""
-    n = len(s)
+def _classify_dot(s: bytes, j: int, n: int) -> int:
+    """Classify the line-start dot at ``s[j]``, the content ending at ``n``."""
     if j + 1 == n:
         return _AMBIGUOUS
     after = s[j + 1]
@@ -56,8 +55,11 @@ def _classify_dot(s: bytes, j: int) -> int:
     return _STUFFED
 
 
-def _next_dot(s: bytes, start: int, misses: int) -> tuple[int, int]:
-    """Find the next line-start dot at or after ``start`` (never index 0).
+def _next_dot(s: bytes, start: int, end: int, misses: int) -> tuple[int, int]:
+    """Find the next line-start dot in ``s[start:end]``, never at ``start``.
+
+    ``start`` is either the front of the slice, whose line start the caller
+    knows, or just past a dot already classified, which is not a line start.
 
     Returns its index (or -1) and the misses still allowed.  A one-byte
     search runs at memchr speed while a two-byte one does not; in base64
@@ -67,16 +69,16 @@ def _next_dot(s: bytes, start: int, misses: int) -> tuple[int, int]:
     ``bytes.find``.
     """
     if misses > 0:
-        i = s.find(b".", start or 1)
+        i = s.find(b".", start + 1, end)
         while i > 0 and s[i - 1] != _LF:
             misses -= 1
             if not misses:
                 start = i
                 break
-            i = s.find(b".", i + 1)
+            i = s.find(b".", i + 1, end)
         else:
             return i, misses
-    found = _LINE_START_DOT.search(s, start)
+    found = _LINE_START_DOT.search(s, start, end)
     return (-1 if found is None else found.start() + 1), 0
 
 
@@ -97,51 +99,53 @@ class Unstuffer:
         Returns the content decoded from it (possibly empty) and whether the
         terminator was reached; bytes after the terminator stay in ``buffer``.
         """
-        s = buffer.peek(SLICE)
+        # Offsets into the buffer's own bytes, no copy of the slice: a read
+        # often holds dozens of small messages after this one.
+        s, front, end = buffer.view(SLICE)
         pieces: list[bytes] = []
-        pos = 0  # start of the next piece of content to keep
+        pos = front  # start of the next piece of content to keep
         done = False
         misses = _DOT_MISSES
-        if self._at_line_start and s.startswith(b"."):
-            j = 0
+        if self._at_line_start and s.startswith(b".", front, end):
+            j = front
         else:
-            j, misses = _next_dot(s, 0, misses)
+            j, misses = _next_dot(s, front, end, misses)
         while j >= 0:
-            kind = _classify_dot(s, j)
+            kind = _classify_dot(s, j, end)
             if kind == _STUFFED:
                 pieces.append(s[pos:j])
                 pos = j + 1
-                j, misses = _next_dot(s, pos, misses)
+                j, misses = _next_dot(s, j, end, misses)
                 continue
             content_end = j
             done = kind != _AMBIGUOUS
             consumed = kind if done else j
             break
         else:
-            content_end = len(s)
-            if s.endswith(b"\r"):
+            content_end = end
+            if s[end - 1] == _CR:
                 # Possibly the first half of a CRLF split across reads.
                 content_end -= 1
             consumed = content_end
         pieces.append(s[pos:content_end])
-        if content_end:
-            self._track_line_length(s, content_end)
+        if content_end > front:
+            self._track_line_length(s, front, content_end)
             self._at_line_start = s[content_end - 1] == _LF
-        buffer.consume(consumed)
+        buffer.consume(consumed - front)
         # One pass, no object per line: on the mixed test corpus (18 MB)
         # bytes.replace takes 2.5 ms a MB where split+join took 5.8.
         return b"".join(pieces).replace(b"\r\n", b"\n"), done
 
-    def _track_line_length(self, s: bytes, end: int) -> None:
-        last = s.rfind(b"\n", 0, end)
+    def _track_line_length(self, s: bytes, front: int, end: int) -> None:
+        last = s.rfind(b"\n", front, end)
         if last < 0:
-            self._line_length += end
+            self._line_length += end - front
         else:
-            if self._line_length + last > MAX_CONTENT_LINE:
+            if self._line_length + last - front > MAX_CONTENT_LINE:
                 # The line finished here may have started slices ago.
-                first = s.find(b"\n", 0, end)
-                crlf = first > 0 and s[first - 1] == _CR
-                _check(self._line_length + first - crlf)
+                first = s.find(b"\n", front, end)
+                crlf = first > front and s[first - 1] == _CR
+                _check(self._line_length + first - front - crlf)
             self._line_length = end - last - 1
         _check(self._line_length)
 

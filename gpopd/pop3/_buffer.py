@@ -44,6 +44,18 @@ class ReceiveBuffer:
         start = self._start
         return self._data[start : start + limit]
 
+    def view(self, limit: int) -> tuple[bytes, int, int]:
+        """The front of the buffer without a copy: ``(data, start, end)``.
+
+        ``data[start:end]`` is what ``peek(limit)`` would return.  Parsers
+        that search with offsets use this: slicing a copy of up to ``limit``
+        bytes for every 4 KB message of a large read made small messages
+        cost as much as large ones.
+        """
+        self._join()
+        start = self._start
+        return self._data, start, min(len(self._data), start + limit)
+
     def consume(self, count: int) -> None:
         """Drop ``count`` bytes from the front; they must have been peeked."""
         self._start += count
