@@ -8,7 +8,9 @@ network path alone.
 
 ``python bench/floor.py --port N --ca-file CA --user U --password-file F``
 prints one JSON object: accounts, messages, bytes.  Several ``--user`` (with as
-many ``--password-file``) poll those mailboxes one after another.
+many ``--password-file``) poll those mailboxes all at once, one thread and
+one connection each: the floor of a many-account poll is the accounts in
+parallel, not one after another.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import socket
 import ssl
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,12 +166,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     context = ssl.create_default_context(cafile=args.ca_file)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     target = Target(args.host, args.port, args.server_name or args.host, context)
-    messages = total = 0
-    for user, password_file in zip(args.user, args.password_file, strict=True):
-        password = Path(password_file).read_text().removesuffix("\n")
-        count, size = poll(target, user, password)
-        messages += count
-        total += size
+    passwords = [Path(name).read_text().removesuffix("\n") for name in args.password_file]
+    # Blocking TLS reads release the GIL, so the threads download in parallel.
+    with ThreadPoolExecutor(len(args.user)) as pool:
+        results = list(pool.map(poll, [target] * len(passwords), args.user, passwords))
+    messages = sum(count for count, _ in results)
+    total = sum(size for _, size in results)
     print(json.dumps({"accounts": len(args.user), "messages": messages, "bytes": total}))
     return 0
 

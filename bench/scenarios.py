@@ -2,8 +2,8 @@
 
 Each mailbox is one Dovecot user filled from a seeded corpus, so every run
 of every tool (and every machine) sees the same bytes.  A mailbox is filled
-once and shared by the scenarios that name it (``e`` reads ``a``, ``b`` and
-``d`` again with the floor client).
+once and shared by the scenarios that name it (``e`` reads ``a``, ``b``, ``c``,
+``d`` and ``f`` again with the floor client).
 """
 
 from __future__ import annotations
@@ -61,13 +61,18 @@ def _d() -> list[bytes]:
 
 
 def _c(index: int) -> MailboxSpec:
-    return MailboxSpec(f"c{index:02d}", lambda: mixed_corpus(200, 100 + index))
+    return MailboxSpec(f"c{index:02d}", lambda: small_corpus(200, 100 + index, size=4096))
+
+
+def _c_mixed(index: int) -> MailboxSpec:
+    return MailboxSpec(f"cm{index:02d}", lambda: mixed_corpus(200, 100 + index))
 
 
 MAILBOX_A = MailboxSpec("a", lambda: mixed_corpus(2000, 1))
 MAILBOX_A_BIG = MailboxSpec("abig", _a_big)
 MAILBOX_B = MailboxSpec("b", lambda: small_corpus(4000, 3, size=4096))
 MAILBOXES_C = tuple(_c(n) for n in range(1, ACCOUNTS_C + 1))
+MAILBOXES_C_MIXED = tuple(_c_mixed(n) for n in range(1, ACCOUNTS_C + 1))
 MAILBOX_D = MailboxSpec("d", _d)
 MAILBOX_F = MailboxSpec("f", lambda: mixed_corpus(500, 6))
 
@@ -79,11 +84,21 @@ SCENARIOS: dict[str, tuple[Scenario, ...]] = {
     "a": (Scenario("a", "one account, 2,000 mixed messages (~240 MB)", (MAILBOX_A,)),),
     "a-big": (Scenario("a-big", "scenario a plus one 100 MB message", (MAILBOX_A_BIG,)),),
     "b": (Scenario("b", "one account, 4,000 small (4 KB) messages", (MAILBOX_B,)),),
-    "c": (Scenario("c", "20 accounts x 200 mixed messages, one invocation", MAILBOXES_C),),
+    "c": (Scenario("c", "20 accounts x 200 small (4 KB) messages, one invocation", MAILBOXES_C),),
+    "c-mixed": (
+        Scenario("c-mixed", "20 accounts x 200 mixed messages, one invocation", MAILBOXES_C_MIXED),
+    ),
     "d": (Scenario("d", "5 messages of 20 MB", (MAILBOX_D,)),),
     "e": (
         Scenario("e:a", "floor client on the mailbox of a", (MAILBOX_A,), _FLOOR, baseline="a"),
         Scenario("e:b", "floor client on the mailbox of b", (MAILBOX_B,), _FLOOR, baseline="b"),
+        Scenario(
+            "e:c",
+            "floor client on the 20 mailboxes of c, all at once",
+            MAILBOXES_C,
+            _FLOOR,
+            baseline="c",
+        ),
         Scenario("e:d", "floor client on the mailbox of d", (MAILBOX_D,), _FLOOR, baseline="d"),
         Scenario(
             "e:f",
