@@ -1,12 +1,14 @@
 """Streaming dot-unstuffing of RETR/TOP content (RFC 1939 section 3).
 
 This is the hot path: a mailbox can be hundreds of megabytes, so the content
-is never split into lines in Python.  Each call takes one slice of at most
-``SLICE`` bytes and works on it with bytes methods.  ``"\\n."`` is rare in
-mail, so the loop over dot lines is short; line ends are normalised by one
-split and join over the whole slice.  Only the bytes whose meaning depends
-on what comes next stay in the buffer: a trailing CR (maybe half of a CRLF)
-and a trailing line start of ``"."`` or ``".\\r"`` (maybe the terminator).
+is never split into lines in Python.  Each call works on at most ``SLICE``
+bytes at the front of the receive buffer, in place (bytes methods with
+offsets, no copy of the slice), and copies out only the content it decodes.
+``"\\n."`` is rare in mail, so the loop over dot lines is short; line ends
+are normalised by one bytes.replace over the content.  Only the bytes whose
+meaning depends on what comes next stay in the buffer: a trailing CR (maybe
+half of a CRLF) and a trailing line start of ``"."`` or ``".\\r"`` (maybe the
+terminator).
 
 A content line's length is tracked only for the unterminated line at the
 end of each slice: a complete line inside one slice is shorter than the
