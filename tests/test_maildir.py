@@ -19,7 +19,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpopd.delivery import CommitResult, MessageInfo, account_tag, message_key
-from gpopd.delivery.maildir import BUFFER_SIZE, MaildirDestination, MaildirStaged, parse_key
+from gpopd.delivery.maildir import (
+    BUFFER_SIZE,
+    FSYNC_THREADS,
+    MaildirDestination,
+    MaildirStaged,
+    parse_key,
+)
 from gpopd.delivery.memory import MemoryDestination
 from gpopd.errors import PermanentDeliveryError, TemporaryDeliveryError
 
@@ -557,6 +563,31 @@ async def test_a_failing_file_fsync_fails_only_that_message(
     assert "Input/output error" in str(results[1].error)
     assert names(maildir / "tmp") == []
     assert names(maildir / "new") == sorted([staged[0].filename, staged[2].filename])
+
+
+async def test_failing_fsyncs_in_a_window_wider_than_the_threads_fail_their_own_messages(
+    dest: MaildirDestination, maildir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each worker takes several files of a window: errors still reach the right messages."""
+    count = 2 * FSYNC_THREADS + 7
+    staged = [stage(dest, info(f"u{n}"), [f"m{n}\n".encode()]) for n in range(count)]
+    bad = {1, FSYNC_THREADS + 1, count - 1}
+    bad_names = {staged[n].filename for n in bad}
+    real_fsync = os.fsync
+
+    def failing_fsync(fd: int) -> None:
+        if not _is_dir(fd) and _fd_name(fd) in bad_names:
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    results = await dest.commit(staged)
+    assert [result.staged for result in results] == staged
+    assert [n for n, result in enumerate(results) if not result.ok] == sorted(bad)
+    assert names(maildir / "new") == sorted(
+        item.filename for n, item in enumerate(staged) if n not in bad
+    )
+    assert names(maildir / "tmp") == []
 
 
 async def test_a_failing_directory_fsync_fails_the_window_but_keeps_the_files(
