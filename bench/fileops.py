@@ -33,6 +33,11 @@ def _write(path: str, data: bytes, sync: bool) -> None:
         os.close(fd)
 
 
+def _write_lane(paths: list[str], data: bytes, sync: bool) -> None:
+    for path in paths:
+        _write(path, data, sync)
+
+
 def run(root: Path, *, count: int, size: int, threads: int, window: int, sync: bool) -> int:
     """Deliver ``count`` files under ``root``; return how many are in ``new/``."""
     tmp, new = root / "tmp", root / "new"
@@ -43,7 +48,10 @@ def run(root: Path, *, count: int, size: int, threads: int, window: int, sync: b
         for first in range(0, count, window):
             names = [f"{n}.bench" for n in range(first, min(count, first + window))]
             paths = [str(tmp / name) for name in names]
-            list(pool.map(_write, paths, [data] * len(paths), [sync] * len(paths)))
+            # As gpopd's commit: each thread takes every lanes-th file.
+            lanes = min(threads, len(paths))
+            parts = [paths[n::lanes] for n in range(lanes)]
+            list(pool.map(_write_lane, parts, [data] * lanes, [sync] * lanes))
             for name, path in zip(names, paths, strict=True):
                 os.link(path, new / name)
                 os.unlink(path)
