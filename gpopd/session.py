@@ -31,8 +31,6 @@ from gpopd.transport import Transport
 # replies that we have asked for (and so our receive buffers) modest.
 MAX_PIPELINE_COMMANDS = 100
 MAX_PIPELINE_BYTES = 4 * 1024 * 1024
-# RFC 5034: an AUTH command line, CRLF included, is at most 255 octets.
-MAX_AUTH_LINE = 255
 
 TraceHook = Callable[[str, str], None]
 
@@ -221,7 +219,7 @@ class Session:
         token = base64.b64encode(b"\0" + username.encode() + b"\0" + password.encode()).decode()
         # RFC 5034: the credentials go on the AUTH line itself (one round
         # trip less) unless that would make it longer than 255 octets.
-        one_line = len("AUTH PLAIN ") + len(token) + 2 <= MAX_AUTH_LINE
+        one_line = len("AUTH PLAIN ") + len(token) + 2 <= pop3.MAX_COMMAND_LENGTH
         command = pop3.Auth("PLAIN", token if one_line else None)
         self.send(command)
         event = await self.next_event()
