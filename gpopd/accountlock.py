@@ -13,18 +13,13 @@ from typing import Self
 from gpopd import privatefs
 from gpopd.errors import StoreError
 
-__all__ = ["AccountLock", "create_private_file", "make_private_dir"]
+__all__ = ["AccountLock", "make_state_dir", "pid_alive"]
 
 
-def make_private_dir(path: Path) -> None:
-    """Create directory ``path`` (and its parents) for the owner only, if missing."""
+def make_state_dir(path: Path) -> None:
+    """Create the state directory ``path`` for the owner only, its parents as usual."""
     path.parent.mkdir(parents=True, exist_ok=True)
     privatefs.make_private_dir(path)
-
-
-def create_private_file(path: Path) -> int:
-    """Open ``path`` read-write, creating it 0600 if missing; the descriptor."""
-    return privatefs.open_private(path, os.O_RDWR | os.O_CREAT)
 
 
 def pid_alive(pid: int) -> bool:
@@ -64,9 +59,9 @@ class AccountLock:
         if self._fd >= 0:
             raise RuntimeError(f"the lock of account {self.account} is already held here")
         try:
-            make_private_dir(self.path.parent.parent)  # the state directory
-            make_private_dir(self.path.parent)
-            fd = create_private_file(self.path)
+            make_state_dir(self.path.parent.parent)
+            privatefs.make_private_dir(self.path.parent)
+            fd = privatefs.open_private(self.path, os.O_RDWR | os.O_CREAT)
         except OSError as exc:
             raise StoreError(f"cannot create the lock file {self.path}: {exc}") from exc
         try:

@@ -34,8 +34,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from gpopd.accountlock import AccountLock, create_private_file, make_private_dir
+from gpopd.accountlock import AccountLock, make_state_dir
 from gpopd.errors import StoreError
+from gpopd.privatefs import open_private
 from gpopd.storeschema import MIGRATIONS, SCHEMA_VERSION
 
 __all__ = ["DB_NAME", "POLL_HISTORY_KEEP", "SCHEMA_VERSION", "AccountLock", "Store"]
@@ -79,10 +80,10 @@ class Store:
                 raise StoreError(f"no state database at {self.path} (gpopd has not run yet?)")
         else:
             try:
-                make_private_dir(self.state_dir)
+                make_state_dir(self.state_dir)
                 # SQLite gives its -wal and -shm files the database file's mode,
                 # so creating that one 0600 first keeps all three private.
-                os.close(create_private_file(self.path))
+                os.close(open_private(self.path, os.O_RDWR | os.O_CREAT))
             except OSError as exc:
                 raise StoreError(f"cannot create the state database {self.path}: {exc}") from exc
         try:

@@ -56,7 +56,7 @@ from gpopd.delivery.mboxjournal import (
     settle,
 )
 from gpopd.delivery.mboxjournal import fsync as _fsync
-from gpopd.delivery.mboxjournal import open_private as _open_private
+from gpopd.delivery.mboxjournal import open_or_create_durably as _open_or_create
 from gpopd.delivery.mboxjournal import pwrite_all as _pwrite_all
 from gpopd.delivery.mboxjournal import write_all as _write_all
 from gpopd.delivery.mboxlock import LOCK_TIMEOUT, STALE_LOCK_AGE, MboxLocker, process_guard
@@ -484,7 +484,7 @@ class MboxDestination(Destination):
                 )
             stack.callback(guard.release)
             try:
-                fd = _open_private(real, _OPEN_FLAGS | os.O_APPEND)
+                fd = _open_or_create(real, _OPEN_FLAGS | os.O_APPEND)
             except OSError as exc:
                 raise TemporaryDeliveryError(
                     f"{self.name}: cannot open {real}: {_describe(exc)}"
@@ -494,7 +494,7 @@ class MboxDestination(Destination):
             stack.callback(locker.unlock, real, locker.lock(fd, real, deadline))
             journal = self._journal
             try:
-                jfd = _open_private(journal, _OPEN_FLAGS)
+                jfd = _open_or_create(journal, _OPEN_FLAGS)
                 stack.callback(_close, jfd)
                 end = settle(fd, jfd, self.name, journal)
             except OSError as exc:

@@ -32,7 +32,7 @@ __all__ = [
     "format_block",
     "fsync",
     "fsync_dir",
-    "open_private",
+    "open_or_create_durably",
     "parse_journal",
     "pwrite_all",
     "read_journal",
@@ -62,7 +62,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def open_private(path: Path, flags: int) -> int:
+def open_or_create_durably(path: Path, flags: int) -> int:
     """Open ``path``, creating it 0600 (and making that durable) if missing."""
     while True:
         try:

@@ -196,4 +196,3 @@ def create_dotlock_in_place(lock: Path, content: bytes) -> int | None:
 def _alive(pid: int) -> bool:
     # The guard is ours, so a dotlock naming this process is a leftover.
     return pid != os.getpid() and pid_alive(pid)
-    return True
