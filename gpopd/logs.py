@@ -21,7 +21,8 @@ it away, and on demand with ``reopen_log_file()`` (SIGHUP).
 Each output writes a line with a single write under its own lock, so lines
 logged at once from worker threads never interleave, and an output that
 fails costs its lines, never the caller: the failure is reported once on
-stderr and the next line tries again.
+stderr and the next line tries again.  ``written_together()`` lets a thread
+hand over a burst of lines (a commit window's deliveries) as one write.
 
 Redaction here is a safety net only: the code never puts a password, a PASS
 or AUTH argument or a token into an event in the first place.
@@ -36,7 +37,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TextIO, cast
 
@@ -122,12 +123,13 @@ class _StreamOutput(_Output):
         super().__init__()
         self.stream = stream
 
-    def write_line(self, line: str) -> None:
+    def write_lines(self, text: str) -> None:
+        """Write ``text``, whole lines without their last newline, and flush."""
         with self._lock:
             try:
-                # One write of the whole line, then flushed: journald and tail
-                # see each line as soon as it is logged.
-                self.stream.write(line + "\n")
+                # One write of the whole text, then flushed: journald and tail
+                # see each line as soon as it is written.
+                self.stream.write(text + "\n")
                 self.stream.flush()
             except RecursionError:
                 raise
@@ -182,8 +184,9 @@ class _PrivateLogFile(_Output):
             " retrying at each line"
         )
 
-    def write_line(self, line: str) -> None:
-        data = (line + "\n").encode("utf-8", "backslashreplace")
+    def write_lines(self, text: str) -> None:
+        """Append ``text``, whole lines without their last newline, with one write."""
+        data = (text + "\n").encode("utf-8", "backslashreplace")
         with self._lock:
             if self._closed:
                 return
@@ -318,9 +321,16 @@ class _Outputs:
         self.log_file = log_file
 
     def write(self, line: str, file_line: str | None) -> None:
-        self.stdout.write_line(line)
+        self.stdout.write_lines(line)
         if file_line is not None and self.log_file is not None:
-            self.log_file.write_line(file_line)
+            self.log_file.write_lines(file_line)
+
+    def write_many(self, lines: Sequence[tuple[str, str | None]]) -> None:
+        self.stdout.write_lines("\n".join(line for line, _ in lines))
+        if self.log_file is not None:
+            file_lines = [file_line for _, file_line in lines if file_line is not None]
+            if file_lines:
+                self.log_file.write_lines("\n".join(file_lines))
 
     def flush(self) -> None:
         self.stdout.flush()
@@ -330,6 +340,45 @@ class _Outputs:
         self.stdout.flush()
         if self.log_file is not None:
             self.log_file.close()
+
+
+# Lines a thread holds back inside ``written_together()``, with their outputs.
+_held = threading.local()
+
+
+def _emit(outputs: _Outputs, line: str, file_line: str | None) -> None:
+    held: list[tuple[_Outputs, str, str | None]] | None = getattr(_held, "lines", None)
+    if held is None:
+        outputs.write(line, file_line)
+    else:
+        held.append((outputs, line, file_line))
+
+
+@contextlib.contextmanager
+def written_together() -> Iterator[None]:
+    """Write the lines this thread logs inside the block together, at its end.
+
+    A poll logs a line for each message it delivers, a whole commit window
+    of them at once; one write for the window's lines, not one for each,
+    saves the event loop a system call per message and the wait to take the
+    GIL back from the file workers after it.  Lines keep their order, and
+    each is still written whole.  The block should not wait on anything:
+    its lines appear only when it ends (also when it raises).
+    """
+    if getattr(_held, "lines", None) is not None:
+        yield  # nested: the outer block writes them
+        return
+    held: list[tuple[_Outputs, str, str | None]] = []
+    _held.lines = held
+    try:
+        yield
+    finally:
+        _held.lines = None
+        start = 0
+        for end in range(1, len(held) + 1):
+            if end == len(held) or held[end][0] is not held[start][0]:
+                held[start][0].write_many([(line, file) for _, line, file in held[start:end]])
+                start = end
 
 
 class _Writer:
@@ -348,7 +397,7 @@ class _Writer:
     def write(self, line: str, file_line: str | None = None) -> None:
         outputs = self.outputs
         if outputs is not None:
-            outputs.write(line, file_line)
+            _emit(outputs, line, file_line)
 
     msg = log = debug = info = warn = warning = error = exception = critical = fatal = write
 
@@ -396,7 +445,7 @@ class _ForeignRecords(logging.Handler):
             for processor in self._processors:
                 event = processor(None, name, event)
             (line, file_line), _ = event
-            self.outputs.write(line, file_line)
+            _emit(self.outputs, line, file_line)
         except RecursionError:
             raise
         except Exception:  # logging's own policy for a record that fails

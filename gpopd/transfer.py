@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from gpopd import pop3
+from gpopd import logs, pop3
 from gpopd.config import Account
 from gpopd.delivery.base import CommitResult, Destination, MessageInfo, Staged, Writer
 from gpopd.delivery.maildir import MaildirDestination
@@ -322,15 +322,16 @@ class Transfer:
             )
             failpoint("after-store-commit")
         now = time.monotonic()
-        for item, staged, started in done:
-            self.unsettled -= 1
-            self.delivered_numbers.append(item.number)
-            self.result.delivered += 1
-            self.result.bytes += staged.size
-            log.info(
-                "message delivered",
-                uid=item.uid,
-                size=staged.size,
-                destination=self.destination.name,
-                seconds=round(now - started, 4),
-            )
+        with logs.written_together():
+            for item, staged, started in done:
+                self.unsettled -= 1
+                self.delivered_numbers.append(item.number)
+                self.result.delivered += 1
+                self.result.bytes += staged.size
+                log.info(
+                    "message delivered",
+                    uid=item.uid,
+                    size=staged.size,
+                    destination=self.destination.name,
+                    seconds=round(now - started, 4),
+                )

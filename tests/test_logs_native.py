@@ -369,3 +369,66 @@ def test_a_value_that_cannot_be_rendered_never_fails_the_caller(fmt: logs.LogFor
     parsed = json.loads(line)
     assert parsed["event"] == "message delivered"
     assert "could not be rendered" in parsed["log_error"]
+
+
+class CountingStream(io.StringIO):
+    """A stdout that records each write it gets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def test_lines_written_together_come_out_in_one_write_in_order(tmp_path: Path) -> None:
+    """Inside written_together() nothing is written; at its end one write has every line."""
+    stream = CountingStream()
+    log_file = tmp_path / "gpopd.log"
+    logs.configure(fmt="json", stream=stream, log_file=log_file)
+    log = structlog.get_logger("test")
+    with logs.written_together():
+        for i in range(5):
+            log.info("delivered", i=i)
+        logging.getLogger("asyncio").warning("a foreign record")
+        with logs.written_together():
+            log.info("delivered", i=5)
+        assert stream.writes == []
+        assert log_file.read_text(encoding="utf-8") == ""
+    assert len(stream.writes) == 1
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [event.get("i") for event in events] == [0, 1, 2, 3, 4, None, 5]
+    assert events[5]["event"] == "a foreign record"
+    assert log_file.read_text(encoding="utf-8") == stream.getvalue()
+    log.info("after")
+    assert len(stream.writes) == 2
+
+
+def test_lines_held_together_are_written_when_the_block_raises(out: TextIO) -> None:
+    logs.configure(fmt="json", stream=out)
+    log = structlog.get_logger("test")
+
+    def fail_after_a_line() -> None:
+        with logs.written_together():
+            log.info("before the failure")
+            raise RuntimeError("failed")
+
+    with pytest.raises(RuntimeError):
+        fail_after_a_line()
+    assert [json.loads(line)["event"] for line in lines_of(out)] == ["before the failure"]
+
+
+def test_only_the_thread_inside_written_together_holds_its_lines() -> None:
+    """Another thread's line is written at once while the event loop's are held."""
+    stream = CountingStream()
+    logs.configure(fmt="json", stream=stream)
+    log = structlog.get_logger("test")
+    with logs.written_together():
+        log.info("held")
+        worker = threading.Thread(target=log.info, args=("from a worker",))
+        worker.start()
+        worker.join()
+        assert [json.loads(text)["event"] for text in stream.writes] == ["from a worker"]
+    assert json.loads(stream.writes[-1])["event"] == "held"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import os
 import ssl
 from collections.abc import Sequence
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gpopd import fetch, transfer
+from gpopd import fetch, logs, transfer
 from gpopd.config import load_config
 from gpopd.delivery.base import CommitResult, Staged
 from gpopd.delivery.memory import MemoryDestination
@@ -22,6 +24,9 @@ from tests.support.certs import TestPKI
 from tests.support.corpus import small_corpus
 from tests.support.fakepop import FakePop3
 from tests.support.gpopd_config import AccountSpec, write_config
+from tests.test_logs import restore_logging
+
+__all__ = ["restore_logging"]  # an autouse fixture, used by name
 
 SMALL = small_corpus(300, seed=5, size=1024)
 
@@ -60,6 +65,29 @@ async def test_small_messages_are_requested_in_batches(
     # One write of 100 at the start, then one of about 50 each time half
     # the window has been read.
     assert retr_writes <= 8
+
+
+class CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+async def test_delivered_lines_are_written_once_per_commit_window(tmp_path: Path) -> None:
+    """300 "message delivered" lines reach stdout in a few writes, one per commit window."""
+    stream = CountingStream()
+    logs.configure(fmt="json", stream=stream)
+    async with FakePop3(SMALL) as server:
+        settings = load_config(write_config(tmp_path, [spec_for(server, tmp_path)]), environ={})
+        [result] = await poll_once(settings)
+    assert result.ok, result.error
+    events = [json.loads(line)["event"] for line in stream.getvalue().splitlines()]
+    assert events.count("message delivered") == len(SMALL)
+    assert stream.writes <= len(SMALL) // 16
 
 
 class SlowMemory(MemoryDestination):
