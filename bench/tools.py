@@ -132,7 +132,8 @@ def _quote(value: str) -> str:
     return json.dumps(value)
 
 
-def _base_env() -> dict[str, str]:
+def base_env() -> dict[str, str]:
+    """The environment every tool runs with: the locale and the path, nothing else."""
     keep = ("PATH", "LANG", "LC_ALL", "TZ", "TMPDIR")
     return {key: os.environ[key] for key in keep if key in os.environ}
 
@@ -200,7 +201,7 @@ class Gpopd(Tool):
                 f"    delivery: {_gpopd_delivery(job, mailbox)}",
             ]
         config = _write_private(job.run_dir / "gpopd.yaml", "\n".join(lines) + "\n")
-        env = _base_env() | {"PYTHONPATH": str(REPO)}
+        env = base_env() | {"PYTHONPATH": str(REPO)}
         argv = [sys.executable, "-m", "gpopd", "poll", "--config", str(config), "--log-format"]
         return Command([*argv, "json"], REPO, env)
 
@@ -231,7 +232,7 @@ class Mpop(Tool):
                 f"uidls_file {job.run_dir / 'uidls' / mailbox.account}",
             ]
         config = _write_private(job.run_dir / "mpoprc", "\n".join(lines) + "\n")
-        env = _base_env() | {"HOME": str(job.run_dir)}
+        env = base_env() | {"HOME": str(job.run_dir)}
         return Command(["mpop", "-C", str(config), "-a", "-q"], job.run_dir, env)
 
 
@@ -275,7 +276,7 @@ class Fetchmail(Tool):
                 "",
             ]
         config = _write_private(job.run_dir / "fetchmailrc", "\n".join(lines))
-        env = _base_env() | {"HOME": str(home), "FETCHMAILHOME": str(home)}
+        env = base_env() | {"HOME": str(home), "FETCHMAILHOME": str(home)}
         argv = ["fetchmail", "-f", str(config), "--nosyslog", "-N", "--silent"]
         return Command(argv, job.run_dir, env)
 
@@ -319,7 +320,7 @@ verbose = 0
 """
             path = _write_private(job.run_dir / f"getmailrc-{mailbox.account}", rc)
             argv += ["--rcfile", str(path)]
-        env = _base_env() | {"HOME": str(state)}
+        env = base_env() | {"HOME": str(state)}
         uid = gid = None
         if os.geteuid() == 0:
             # getmail6 refuses to deliver as root.
@@ -346,7 +347,7 @@ class Floor(Tool):
         ]
         for mailbox in job.mailboxes:
             argv += ["--user", mailbox.user, "--password-file", str(mailbox.password_file)]
-        return Command(argv, job.run_dir, _base_env())
+        return Command(argv, job.run_dir, base_env())
 
     def prepare(self, job: Job) -> Command:
         # The floor writes nothing.
