@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import logging
+import operator
 import os
 import sys
 import threading
@@ -320,12 +322,8 @@ class _Outputs:
         self.stdout = stdout
         self.log_file = log_file
 
-    def write(self, line: str, file_line: str | None) -> None:
-        self.stdout.write_lines(line)
-        if file_line is not None and self.log_file is not None:
-            self.log_file.write_lines(file_line)
-
-    def write_many(self, lines: Sequence[tuple[str, str | None]]) -> None:
+    def write(self, lines: Sequence[tuple[str, str | None]]) -> None:
+        """Write ``(stdout_line, file_line)`` pairs, one write per output."""
         self.stdout.write_lines("\n".join(line for line, _ in lines))
         if self.log_file is not None:
             file_lines = [file_line for _, file_line in lines if file_line is not None]
@@ -349,7 +347,7 @@ _held = threading.local()
 def _emit(outputs: _Outputs, line: str, file_line: str | None) -> None:
     held: list[tuple[_Outputs, str, str | None]] | None = getattr(_held, "lines", None)
     if held is None:
-        outputs.write(line, file_line)
+        outputs.write([(line, file_line)])
     else:
         held.append((outputs, line, file_line))
 
@@ -374,11 +372,9 @@ def written_together() -> Iterator[None]:
         yield
     finally:
         _held.lines = None
-        start = 0
-        for end in range(1, len(held) + 1):
-            if end == len(held) or held[end][0] is not held[start][0]:
-                held[start][0].write_many([(line, file) for _, line, file in held[start:end]])
-                start = end
+        # Runs of lines for one configure()'s outputs (a new one may come mid-block).
+        for outputs, run in itertools.groupby(held, key=operator.itemgetter(0)):
+            outputs.write([(line, file_line) for _, line, file_line in run])
 
 
 class _Writer:
