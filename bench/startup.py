@@ -45,6 +45,7 @@ if str(HERE.parent) not in sys.path:
 
 from bench.tools import REPO, base_env  # noqa: E402
 from tests.support.certs import make_pki  # noqa: E402
+from tests.support.gpopd_config import AccountSpec, write_config  # noqa: E402
 
 FLOOR_IMPORTS = "import argparse, json, socket, ssl, sys, concurrent.futures, dataclasses, pathlib"
 FIXED_STACK_IMPORTS = (
@@ -67,34 +68,14 @@ def time_imports(code: str) -> float:
     return time.perf_counter() - started
 
 
-def _config(directory: Path, port: int, ca_file: Path) -> Path:
-    secret = directory / "password"
-    secret.write_text("secret\n")
-    secret.chmod(0o600)
-    lines = [
-        f"state_dir: {json.dumps(str(directory / 'state'))}",
-        "accounts:",
-        "  startup:",
-        "    host: 127.0.0.1",
-        f"    port: {port}",
-        "    tls: implicit",
-        f"    ca_file: {json.dumps(str(ca_file))}",
-        "    username: startup",
-        f"    password: {{file: {json.dumps(str(secret))}}}",
-        "    keep: true",
-        f"    delivery: {{type: maildir, path: {json.dumps(str(directory / 'Maildir'))}}}",
-    ]
-    config = directory / "gpopd.yaml"
-    config.write_text("\n".join(lines) + "\n")
-    config.chmod(0o600)
-    return config
-
-
 def time_to_connect(directory: Path, ca_file: Path) -> float:
     """Seconds from starting ``gpopd poll`` to its connection reaching us."""
     with socket.create_server(("127.0.0.1", 0)) as server:
         server.settimeout(ACCEPT_TIMEOUT)
-        config = _config(directory, server.getsockname()[1], ca_file)
+        port = server.getsockname()[1]
+        maildir = directory / "Maildir"
+        account = AccountSpec("startup", port, "startup", "secret", maildir, ca_file=ca_file)
+        config = write_config(directory, [account])
         argv = [sys.executable, "-m", "gpopd", "poll", "--config", str(config)]
         started = time.perf_counter()
         child = subprocess.Popen(
