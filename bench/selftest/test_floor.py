@@ -47,3 +47,25 @@ def test_error_reply_raises() -> None:
     """An -ERR in place of a RETR reply stops the floor with the server's text."""
     with pytest.raises(FloorError, match="no such message"):
         feed([b"-ERR no such message\r\n"])
+
+
+def test_scan_reads_only_up_to_end_of_a_reused_buffer() -> None:
+    """Bytes left past ``end`` by an earlier, longer read are not counted.
+
+    The client reads into one buffer it reuses, so what lies past the fresh
+    bytes is stale data, here a whole stale response.
+    """
+    stale = b"+OK\r\nold\r\n.\r\n"
+    chunks = [STREAM[i : i + 7] for i in range(0, len(STREAM), 7)]
+    scanner = ResponseScanner()
+    buffer = bytearray(64)
+    filled = 0
+    for chunk in chunks:
+        end = filled + len(chunk)
+        buffer[filled:end] = chunk
+        buffer[end : end + len(stale)] = stale
+        keep = scanner.scan(buffer, end)
+        buffer[: end - keep] = bytes(buffer[keep:end])
+        filled = end - keep
+    whole = feed([STREAM])
+    assert (scanner.completed, scanner.body_bytes) == (whole.completed, whole.body_bytes)
