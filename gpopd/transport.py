@@ -68,9 +68,18 @@ class TlsInfo:
     peer_subject: str | None
 
 
-class _Protocol(asyncio.Protocol):
+class _Protocol(asyncio.BufferedProtocol):
+    """Receives into one buffer of its own and queues a copy of each read.
+
+    As a BufferedProtocol it has TLS records decrypted straight into that
+    buffer.  A plain Protocol would have asyncio allocate a fresh 256 KiB
+    object for every TLS record (cut to the record's size afterwards) and
+    then join the records of a read into one more copy.
+    """
+
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        self._receive = memoryview(bytearray(MAX_READ))
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
         self.eof = False
@@ -83,6 +92,12 @@ class _Protocol(asyncio.Protocol):
     # asyncio callbacks -------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # always a Transport for TCP
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._receive
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(self._receive[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         self.chunks.append(data)
