@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -68,8 +69,26 @@ class TlsInfo:
     peer_subject: str | None
 
 
+class _SharedReceiveBuffer(threading.local):
+    """One receive buffer for every connection of an event loop's thread.
+
+    asyncio's selector loop and its TLS layer lend the buffer from
+    get_buffer(), fill it and report it to buffer_updated() within one
+    callback, so lendings never overlap and a single buffer serves any
+    number of connections.  ``borrower`` catches a loop that would overlap
+    them: that connection fails rather than read another's bytes.
+    """
+
+    def __init__(self) -> None:
+        self.view = memoryview(bytearray(MAX_READ))
+        self.borrower: _Protocol | None = None
+
+
+_receive_buffer = _SharedReceiveBuffer()
+
+
 class _Protocol(asyncio.BufferedProtocol):
-    """Receives into one buffer of its own and queues a copy of each read.
+    """Receives into the thread's shared buffer and queues a copy of each read.
 
     As a BufferedProtocol it has TLS records decrypted straight into that
     buffer.  A plain Protocol would have asyncio allocate a fresh 256 KiB
@@ -79,7 +98,6 @@ class _Protocol(asyncio.BufferedProtocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self._receive = memoryview(bytearray(MAX_READ))
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
         self.eof = False
@@ -94,10 +112,16 @@ class _Protocol(asyncio.BufferedProtocol):
         self.transport = transport  # type: ignore[assignment]  # always a Transport for TCP
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._receive
+        shared = _receive_buffer
+        shared.borrower = self
+        return shared.view
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(bytes(self._receive[:nbytes]))
+        shared = _receive_buffer
+        if shared.borrower is not self:
+            raise RuntimeError("the receive buffer was lent to two connections at once")
+        shared.borrower = None
+        self.data_received(bytes(shared.view[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         self.chunks.append(data)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gpopd import fetch, logs, transfer
+from gpopd import fetch, logs, transfer, transport
 from gpopd.config import load_config
 from gpopd.delivery.base import CommitResult, Staged
 from gpopd.delivery.memory import MemoryDestination
@@ -197,6 +197,55 @@ async def test_tls_records_are_decrypted_into_the_connections_own_buffer(
     assert result.delivered == len(SMALL)
     assert reads["into a buffer"] > 0
     assert reads["allocating"] == 0
+
+
+async def test_connections_share_one_receive_buffer(
+    pki: TestPKI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three accounts polled at once over TLS read into one buffer, not one each.
+
+    A quarter MiB per connection would be 16 MB for the 64 sessions of
+    bench/scale.py's round.
+    """
+    lent: set[int] = set()
+    real_get_buffer = transport._Protocol.get_buffer
+
+    def recording_get_buffer(self: transport._Protocol, sizehint: int) -> memoryview:
+        buffer = real_get_buffer(self, sizehint)
+        lent.add(id(buffer.obj))
+        return buffer
+
+    monkeypatch.setattr(transport._Protocol, "get_buffer", recording_get_buffer)
+    async with FakePop3(SMALL[:50], ssl_context=server_context(pki)) as server:
+        specs = [
+            AccountSpec(
+                name,
+                server.port,
+                server.user,
+                server.password,
+                tmp_path / name,
+                ca_file=pki.ca_file,
+            )
+            for name in ("one", "two", "three")
+        ]
+        settings = load_config(write_config(tmp_path, specs), environ={})
+        results = await poll_once(settings)
+    assert [r.delivered for r in results] == [50, 50, 50]
+    assert server.commands.count("QUIT") == 3
+    assert len(lent) == 1
+
+
+def test_a_buffer_lent_twice_at_once_fails_the_connection_that_lost_it() -> None:
+    """Should a loop ever overlap two lendings, the first borrower fails, unread."""
+    first, second = transport._Protocol(), transport._Protocol()
+    first.get_buffer(-1)
+    buffer = second.get_buffer(-1)
+    buffer[:5] = b"+OK\r\n"
+    with pytest.raises(RuntimeError, match="two connections"):
+        first.buffer_updated(5)
+    assert not first.chunks
+    second.buffer_updated(5)
+    assert list(second.chunks) == [b"+OK\r\n"]
 
 
 async def test_store_failure_in_an_earlier_window_is_the_error_reported(
