@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import os
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,8 +34,8 @@ __all__ = ["restore_logging"]  # an autouse fixture, used by name
 SMALL = small_corpus(300, seed=5, size=1024)
 
 
-def spec_for(server: FakePop3, tmp_path: Path) -> AccountSpec:
-    return AccountSpec(
+def spec_for(server: FakePop3, tmp_path: Path, **changes: Any) -> AccountSpec:
+    spec = AccountSpec(
         "alice",
         server.port,
         server.user,
@@ -41,6 +43,7 @@ def spec_for(server: FakePop3, tmp_path: Path) -> AccountSpec:
         tmp_path / "Maildir",
         tls="none",
     )
+    return dataclasses.replace(spec, **changes)
 
 
 async def test_small_messages_are_requested_in_batches(
@@ -183,14 +186,7 @@ async def test_tls_records_are_decrypted_into_the_connections_own_buffer(
 
     monkeypatch.setattr(ssl.SSLObject, "read", counting_read)
     async with FakePop3(SMALL, ssl_context=server_context(pki)) as server:
-        spec = AccountSpec(
-            "alice",
-            server.port,
-            server.user,
-            server.password,
-            tmp_path / "Maildir",
-            ca_file=pki.ca_file,
-        )
+        spec = spec_for(server, tmp_path, tls="implicit", ca_file=pki.ca_file)
         settings = load_config(write_config(tmp_path, [spec]), environ={})
         [result] = await poll_once(settings)
     assert result.ok, result.error
@@ -216,16 +212,10 @@ async def test_connections_share_one_receive_buffer(
         return buffer
 
     monkeypatch.setattr(transport._Protocol, "get_buffer", recording_get_buffer)
+    over_tls = {"tls": "implicit", "ca_file": pki.ca_file}
     async with FakePop3(SMALL[:50], ssl_context=server_context(pki)) as server:
         specs = [
-            AccountSpec(
-                name,
-                server.port,
-                server.user,
-                server.password,
-                tmp_path / name,
-                ca_file=pki.ca_file,
-            )
+            spec_for(server, tmp_path, name=name, maildir=tmp_path / name, **over_tls)
             for name in ("one", "two", "three")
         ]
         settings = load_config(write_config(tmp_path, specs), environ={})
