@@ -75,13 +75,15 @@ class _SharedReceiveBuffer(threading.local):
     asyncio's selector loop and its TLS layer lend the buffer from
     get_buffer(), fill it and report it to buffer_updated() within one
     callback, so lendings never overlap and a single buffer serves any
-    number of connections.  ``borrower`` catches a loop that would overlap
-    them: that connection fails rather than read another's bytes.
+    number of connections.  ``borrower`` (the ``id()`` of the last
+    connection lent it, so that it keeps none alive) catches a loop that
+    would overlap them: that connection fails rather than read another's
+    bytes.
     """
 
     def __init__(self) -> None:
         self.view = memoryview(bytearray(MAX_READ))
-        self.borrower: _Protocol | None = None
+        self.borrower = 0
 
 
 _receive_buffer = _SharedReceiveBuffer()
@@ -113,14 +115,14 @@ class _Protocol(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         shared = _receive_buffer
-        shared.borrower = self
+        shared.borrower = id(self)
         return shared.view
 
     def buffer_updated(self, nbytes: int) -> None:
         shared = _receive_buffer
-        if shared.borrower is not self:
+        if shared.borrower != id(self):
             raise RuntimeError("the receive buffer was lent to two connections at once")
-        shared.borrower = None
+        shared.borrower = 0
         self.data_received(bytes(shared.view[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
@@ -140,6 +142,12 @@ class _Protocol(asyncio.BufferedProtocol):
         self.eof = True
         if exc is not None:
             self.error = exc
+        # asyncio's TLS layer keeps our get_buffer and buffer_updated as bound
+        # methods after the connection is gone, and our transport refers back
+        # to that layer: a reference cycle that would hold the connection's
+        # TLS state and buffers (over 256 KiB) until the garbage collector
+        # ran, which in a quiet daemon may be hours.
+        self.transport = None
         self._wake_reader()
         self._wake_drain()
 

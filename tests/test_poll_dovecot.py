@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
 import os
 import stat
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
 
+from gpopd import transport
 from gpopd.config import load_config
 from gpopd.errors import TlsError, TransportError
 from gpopd.fetch import poll_once
@@ -76,6 +80,41 @@ async def test_corpus_arrives_byte_exact_and_once(
         assert len(store.delivered_uids("alice")) == len(messages)
         assert store.pending("alice") == {}
         assert store.last_poll("alice")["outcome"] == "ok"
+
+
+async def test_a_finished_session_is_freed_without_the_garbage_collector(
+    dovecot: Dovecot, pki: TestPKI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing of a finished TLS session waits for the cycle collector.
+
+    asyncio's TLS layer keeps bound methods of a BufferedProtocol after the
+    connection is lost; while the protocol still pointed at its transport,
+    that was a cycle holding each connection's TLS state and buffers (over
+    256 KiB). A daemon of 1,000 accounts then peaked at 98 MB instead of
+    85 and idled in 78-84 MB instead of 68.
+    """
+    protocols: list[weakref.ref[transport._Protocol]] = []
+    real_init = transport._Protocol.__init__
+
+    def recording_init(self: transport._Protocol) -> None:
+        real_init(self)
+        protocols.append(weakref.ref(self))
+
+    monkeypatch.setattr(transport._Protocol, "__init__", recording_init)
+    dovecot.add_messages("alice", mixed_corpus(20, seed=14))
+    settings = load_config(write_config(tmp_path, [alice(dovecot, pki, tmp_path)]), environ={})
+    gc.collect()
+    gc.disable()
+    try:
+        [result] = await poll_once(settings)
+        for _ in range(5):  # connection_lost() callbacks run on later iterations
+            await asyncio.sleep(0)
+        alive = sum(ref() is not None for ref in protocols)
+    finally:
+        gc.enable()
+    assert result.delivered == 20
+    assert protocols
+    assert alive == 0
 
 
 async def test_keep_false_empties_the_server(
