@@ -1,12 +1,14 @@
 """The byte pipe to a POP3 server: TCP, implicit TLS or STLS, timeouts.
 
-Built on ``asyncio.Protocol`` rather than streams for two reasons.  First,
-STLS safety: with streams, plaintext that a man in the middle appends after
-the server's ``+OK`` stays in ``StreamReader``'s buffer and is later read as
-if it had come over TLS (PROTOCOL.md §3).  Here every received byte is in a
-buffer we own, so ``start_tls`` can refuse to proceed when anything is
-waiting.  Second, speed: ``read()`` hands over everything received so far in
-one piece, so the protocol engine works on large slices.
+Built on an asyncio protocol (a ``BufferedProtocol``) rather than streams
+for two reasons.  First, STLS safety: with streams, plaintext that a man in
+the middle appends after the server's ``+OK`` stays in ``StreamReader``'s
+buffer and is later read as if it had come over TLS (PROTOCOL.md §3).  Here
+every received byte is in a buffer we own, so ``start_tls`` can refuse to
+proceed when anything is waiting.  Second, speed: TLS records are decrypted
+into one buffer shared by all connections, and ``read()`` hands over
+everything received so far in one piece, so the protocol engine works on
+large slices.
 
 Writes never block (asyncio buffers them); the session only writes small
 commands and keeps reading, so full socket buffers cannot deadlock a
