@@ -164,7 +164,7 @@ def test_tls_context_is_built_once_and_rebuilt_when_the_ca_changes(pki: TestPKI)
     assert again.minimum_version == ssl.TLSVersion.TLSv1_2
 
 
-async def test_tls_records_are_decrypted_into_the_connections_own_buffer(
+async def test_tls_records_are_decrypted_into_the_shared_receive_buffer(
     pki: TestPKI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Over TLS no read allocates a buffer of its own.
