@@ -8,18 +8,38 @@ import os
 import re
 import select
 import stat
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
 import pytest
 import structlog
+from structlog._config import BoundLoggerLazyProxy
 from structlog.contextvars import bound_contextvars
+from structlog.testing import capture_logs
 
-from gpopd import logs
+from gpopd import logs, transfer
 from gpopd.errors import ConfigError
 
 LOGFMT_PAIR = re.compile(r'([^\s=]+)=("(?:[^"\\]|\\.)*"|[^\s"]*)(?:\s+|$)')
+
+
+def forget_cached_loggers() -> None:
+    """Make gpopd's module loggers look up the configuration afresh.
+
+    logs.configure() caches each logger on first use (structlog's
+    cache_logger_on_first_use): the module-level proxy keeps, as its own
+    ``bind``, the logger assembled then.  reset_defaults() does not undo
+    that, so a test that polled after configure() left gpopd.fetch and
+    gpopd.transfer writing to its stream, and structlog.testing.capture_logs()
+    in a later test saw none of their lines.
+    """
+    for name, module in list(sys.modules.items()):
+        if name == "gpopd" or name.startswith("gpopd."):
+            for value in list(vars(module).values()):
+                if isinstance(value, BoundLoggerLazyProxy):
+                    vars(value).pop("bind", None)
 
 
 @pytest.fixture(autouse=True)
@@ -39,6 +59,7 @@ def restore_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         root.addHandler(handler)
     root.setLevel(saved_level)
     structlog.reset_defaults()
+    forget_cached_loggers()
 
 
 @pytest.fixture
@@ -369,3 +390,17 @@ def test_reopen_failure_is_reported_and_retried(
     directory.mkdir()
     log.info("back")
     assert [event["event"] for event in json_lines(log_file)] == ["back"]
+
+
+def test_module_loggers_used_under_configure_are_seen_by_capture_logs_afterwards(
+    out: TextIO,
+) -> None:
+    """What restore_logging undoes between tests: a module logger cached under configure()."""
+    logs.configure(fmt="json", stream=out)
+    transfer.log.info("written under configure")
+    structlog.reset_defaults()  # what restore_logging does after each test
+    forget_cached_loggers()
+    with capture_logs() as captured:
+        transfer.log.info("captured")
+    assert [event["event"] for event in captured] == ["captured"]
+    assert [json.loads(line)["event"] for line in lines_of(out)] == ["written under configure"]
