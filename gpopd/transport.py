@@ -125,11 +125,8 @@ class _Protocol(asyncio.BufferedProtocol):
         if shared.borrower != id(self):
             raise RuntimeError("the receive buffer was lent to two connections at once")
         shared.borrower = 0
-        self.data_received(bytes(shared.view[:nbytes]))
-
-    def data_received(self, data: bytes) -> None:
-        self.chunks.append(data)
-        self.buffered += len(data)
+        self.chunks.append(bytes(shared.view[:nbytes]))
+        self.buffered += nbytes
         if self.buffered > READ_HIGH_WATER and not self.reading_paused and self.transport:
             self.transport.pause_reading()
             self.reading_paused = True
