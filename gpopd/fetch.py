@@ -275,14 +275,20 @@ async def _session(
         else None
     )
     session = await open_session(account, trace, tokens)
-    result.login_delay = login_delay(session.capabilities)
-    if account.keep and result.sessions == 1 and session.capabilities.get("EXPIRE") == ("0",):
-        # Gmail: a QUIT-ended session marks its messages popped whatever the
-        # client does, so they will not be listed again.
-        log.info("the server lists a retrieved message only once (EXPIRE 0), whatever keep says")
     transport = session.transport
     try:
-        mailbox = await session.mailbox()
+        try:
+            mailbox = await session.mailbox()
+        finally:
+            # The capabilities asked with the listing, or those from before
+            # login when that failed: LOGIN-DELAY still spaces the next poll.
+            result.login_delay = login_delay(session.capabilities)
+        if account.keep and result.sessions == 1 and session.capabilities.get("EXPIRE") == ("0",):
+            # Gmail: a QUIT-ended session marks its messages popped whatever
+            # the client does, so they will not be listed again.
+            log.info(
+                "the server lists a retrieved message only once (EXPIRE 0), whatever keep says"
+            )
         plan = plan_poll(
             account,
             mailbox,

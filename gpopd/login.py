@@ -44,6 +44,10 @@ async def open_session(
 ) -> Session:
     """Connect, verify TLS, read the greeting and authenticate.
 
+    Capabilities may change after login (Gmail adds PIPELINING); asking for
+    them again is left to the caller, so that ``Session.mailbox()`` can send
+    that CAPA together with STAT, UIDL and LIST.
+
     With OAuth2, a token the server refuses is refreshed once and tried in a
     new session before the account is reported as failing.
     """
@@ -83,8 +87,6 @@ async def _open_session(account: Account, trace: TraceHook | None, token: str | 
             session.login_method = await session.login(
                 account.username, password, account.auth, caps
             )
-        # Capabilities may change after login (Gmail adds PIPELINING).
-        await session.capa()
     except BaseException:
         transport.abort()
         raise

@@ -6,8 +6,8 @@ After login it asks only CAPA and STAT, then QUITs: no RETR, TOP or DELE,
 because Gmail marks every message retrieved in a QUIT-ended session as
 downloaded, and the point of this command is to look, not to touch.
 
-``login.open_session`` keeps the capabilities announced before login next
-to those after it: both are shown, because RFC 2449 lets values such as
+The session keeps the capabilities announced before login, and CAPA is
+asked again after it: both are shown, because RFC 2449 lets values such as
 ``LOGIN-DELAY`` and ``EXPIRE`` change once the user is known.  OAuth2
 accounts get their access token as a poll does (cached, or refreshed).
 """
@@ -101,7 +101,7 @@ async def _server_info(
         greeting = session.greeting
         if greeting is None:
             raise pop3.RemoteProtocolError("no greeting")
-        before, after = session.pre_login_capabilities, session.capabilities
+        before, after = session.pre_login_capabilities, await session.capa()
         method = session.login_method or account.auth
         stat = await session.request(pop3.Stat())
         if not isinstance(stat, pop3.StatReply):

@@ -175,6 +175,9 @@ class Session:
     async def capa(self) -> dict[str, tuple[str, ...]]:
         """CAPA, or an empty dict when the server does not support it."""
         self.send(pop3.Capa())
+        return await self._read_capabilities()
+
+    async def _read_capabilities(self) -> dict[str, tuple[str, ...]]:
         event = await self.next_event()
         self.capabilities = dict(event.capabilities) if isinstance(event, pop3.Capabilities) else {}
         return self.capabilities
@@ -268,17 +271,29 @@ class Session:
             raise pop3.RemoteProtocolError(f"unexpected reply to AUTH {mechanism}: {event!r}")
 
     async def mailbox(self) -> Mailbox:
-        """STAT, UIDL and LIST (pipelined when allowed), cross-checked."""
+        """CAPA after login, then STAT, UIDL and LIST, cross-checked.
+
+        Capabilities may change after login (Gmail adds PIPELINING), so
+        they are asked again here, first.  A server that allowed pipelining
+        before login gets all four commands in one write: one round trip
+        where waiting for CAPA first would take two.  Otherwise STAT, UIDL
+        and LIST wait for the new CAPA and are pipelined if it allows.
+        """
         commands: list[pop3.Command] = [pop3.Stat(), pop3.Uidl(), pop3.List()]
         replies: list[pop3.Event] = []
-        if self.conn.pipelining_allowed:
-            self.send(*commands)
-            for command in commands:
-                replies.append(await self._expect_ok(command))
+        pipelined = self.conn.pipelining_allowed
+        if pipelined:
+            self.send(pop3.Capa(), *commands)
+            await self._read_capabilities()
         else:
-            for command in commands:
+            await self.capa()
+            pipelined = self.conn.pipelining_allowed
+            if pipelined:
+                self.send(*commands)
+        for command in commands:
+            if not pipelined:
                 self.send(command)
-                replies.append(await self._expect_ok(command))
+            replies.append(await self._expect_ok(command))
         stat, uidl, listing = replies
         if not (
             isinstance(stat, pop3.StatReply)
