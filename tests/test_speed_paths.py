@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from gpopd import fetch, logs, transfer, transport
+from gpopd import fetch, logs, pop3, transfer, transport
+from gpopd import session as session_module
 from gpopd.config import load_config
 from gpopd.delivery.base import CommitResult, Staged
 from gpopd.delivery.memory import MemoryDestination
@@ -125,6 +126,43 @@ async def test_pipelining_offered_only_after_login_waits_for_capa(
     listing = writes.index(b"STAT\r\nUIDL\r\nLIST\r\n")
     assert writes[listing - 1] == b"CAPA\r\n"
     assert b"RETR 1\r\nRETR 2\r\nRETR 3\r\n" in writes
+
+
+async def test_the_next_large_message_is_asked_for_before_the_last_one_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the byte bound, RETR n+1 goes out while message n still arrives.
+
+    Waiting for the end of a message larger than the bound left the server
+    idle for a round trip before each next one.
+    """
+    monkeypatch.setattr(session_module, "MAX_PIPELINE_BYTES", 64 * 1024)
+    big = small_corpus(3, seed=9, size=512 * 1024)
+    timeline: list[str] = []
+    real_write = Transport.write
+    real_next_event = session_module.Session.next_event
+
+    def recording_write(self: Transport, data: bytes) -> None:
+        timeline.extend(line.decode() for line in data.splitlines() if line.startswith(b"RETR"))
+        real_write(self, data)
+
+    async def recording_next_event(self: session_module.Session) -> Any:
+        event = await real_next_event(self)
+        if isinstance(event, pop3.MessageEnd):
+            timeline.append(f"end {event.command.msg}")
+        return event
+
+    monkeypatch.setattr(Transport, "write", recording_write)
+    monkeypatch.setattr(session_module.Session, "next_event", recording_next_event)
+    async with FakePop3(big) as server:
+        settings = load_config(write_config(tmp_path, [spec_for(server, tmp_path)]), environ={})
+        [result] = await poll_once(settings)
+    assert result.ok, result.error
+    assert result.delivered == 3
+    assert timeline.index("RETR 2") < timeline.index("end 1")
+    assert timeline.index("RETR 3") < timeline.index("end 2")
+    # Never more than one large message asked for ahead.
+    assert timeline.index("end 1") < timeline.index("RETR 3")
 
 
 class CountingStream(io.StringIO):
