@@ -27,9 +27,10 @@ from gpopd.errors import (
 from gpopd.transport import Transport
 
 # PIPELINING window: commands in flight, and bytes the server still has to
-# send for them (LIST sizes).  The byte bound must cover a round trip's worth
-# of data at full speed, or the server sits idle before each refill: 16 MiB
-# covers 40 ms at 400 MB/s.  Bench scenario f (500 mixed messages, 40 ms
+# send for them (LIST sizes).  What is left when a refill goes out (half the
+# bound) must cover a round trip's worth of data at full speed, or the
+# server sits idle until the refill reaches it: 8 MiB covers 40 ms at
+# 200 MB/s.  Bench scenario f (500 mixed messages, 40 ms
 # round trip), 8 runs each: 4 MiB 2.29 s, 16 MiB 2.22 s (medians), the
 # transfer alone 1.54 s and 1.22-1.43 s.  Nothing is read sooner for it:
 # what is asked for and not yet read waits in the kernel's socket buffers.
