@@ -276,13 +276,12 @@ async def _session(
     )
     session = await open_session(account, trace, tokens)
     transport = session.transport
+    # LOGIN-DELAY spaces the next poll: as announced before login until the
+    # CAPA asked with the listing replaces it, also when the listing fails.
+    result.login_delay = login_delay(session.capabilities)
     try:
-        try:
-            mailbox = await session.mailbox()
-        finally:
-            # The capabilities asked with the listing, or those from before
-            # login when that failed: LOGIN-DELAY still spaces the next poll.
-            result.login_delay = login_delay(session.capabilities)
+        mailbox = await session.mailbox()
+        result.login_delay = login_delay(session.capabilities)
         if account.keep and result.sessions == 1 and session.capabilities.get("EXPIRE") == ("0",):
             # Gmail: a QUIT-ended session marks its messages popped whatever
             # the client does, so they will not be listed again.

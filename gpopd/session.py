@@ -339,24 +339,21 @@ class Session:
         pending = iter(numbers)
         in_flight: list[int] = []
         head = 0
-        # LIST sizes of the messages asked for and not yet ended, and the
-        # content read so far of the oldest: their difference is what the
-        # server still has to send, the amount the byte bound limits.
+        # What the server still has to send for the RETRs in flight: their
+        # LIST sizes, less what has been read of the oldest (never more than
+        # its own LIST size, ``head_left``).  The byte bound limits this.
         bytes_in_flight = 0
-        head_received = 0
+        head_left = 0
         # Whether the last refill stopped at the byte bound (large messages)
         # rather than at the command bound (small ones).
         byte_bound = False
-
-        def still_to_come() -> int:
-            return bytes_in_flight - min(head_received, sizes.get(in_flight[head], 0))
 
         def refill() -> None:
             nonlocal bytes_in_flight, byte_bound
             batch: list[pop3.Command] = []
             byte_bound = False
             while len(in_flight) - head < window:
-                if len(in_flight) > head and still_to_come() >= MAX_PIPELINE_BYTES:
+                if bytes_in_flight >= MAX_PIPELINE_BYTES and len(in_flight) > head:
                     byte_bound = True
                     break
                 n = next(pending, None)
@@ -375,16 +372,20 @@ class Session:
                 raise error_for(event.command, event)
             yield event
             if isinstance(event, pop3.MessageData):
-                head_received += len(event.data)
+                read = min(len(event.data), head_left)
+                head_left -= read
+                bytes_in_flight -= read
                 # A message larger than the bound: ask for the next one
                 # while this one still arrives, or the server would sit idle
                 # for a round trip between the two (4-11 ms each on
                 # 127.0.0.1 with 20 MB messages).
-                if byte_bound and still_to_come() < MAX_PIPELINE_BYTES // 2:
+                if byte_bound and bytes_in_flight < MAX_PIPELINE_BYTES // 2:
                     refill()
+            elif isinstance(event, pop3.MessageStart):
+                head_left = sizes.get(in_flight[head], 0)
             elif isinstance(event, pop3.MessageEnd):
-                bytes_in_flight -= sizes.get(in_flight[head], 0)
-                head_received = 0
+                bytes_in_flight -= head_left
+                head_left = 0
                 head += 1
                 # Refill in batches, not one RETR per finished message: each
                 # write is a TLS record and a send(2) of its own (py-spy on

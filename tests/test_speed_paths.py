@@ -47,31 +47,6 @@ def spec_for(server: FakePop3, tmp_path: Path, **changes: Any) -> AccountSpec:
     return dataclasses.replace(spec, **changes)
 
 
-async def test_small_messages_are_requested_in_batches(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """300 small messages cost a handful of RETR writes, not one write per message."""
-    retr_writes = 0
-    real_write = Transport.write
-
-    def counting_write(self: Transport, data: bytes) -> None:
-        nonlocal retr_writes
-        if data.startswith(b"RETR "):
-            retr_writes += 1
-        real_write(self, data)
-
-    monkeypatch.setattr(Transport, "write", counting_write)
-    async with FakePop3(SMALL) as server:
-        settings = load_config(write_config(tmp_path, [spec_for(server, tmp_path)]), environ={})
-        [result] = await poll_once(settings)
-    assert result.ok, result.error
-    assert result.delivered == len(SMALL)
-    assert server.commands.count("RETR") == len(SMALL)
-    # One write of 100 at the start, then one of about 50 each time half
-    # the window has been read.
-    assert retr_writes <= 8
-
-
 def record_writes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     """Every write of every Transport from now on, in order."""
     writes: list[bytes] = []
@@ -83,6 +58,23 @@ def record_writes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
 
     monkeypatch.setattr(Transport, "write", recording_write)
     return writes
+
+
+async def test_small_messages_are_requested_in_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """300 small messages cost a handful of RETR writes, not one write per message."""
+    writes = record_writes(monkeypatch)
+    async with FakePop3(SMALL) as server:
+        settings = load_config(write_config(tmp_path, [spec_for(server, tmp_path)]), environ={})
+        [result] = await poll_once(settings)
+    assert result.ok, result.error
+    assert result.delivered == len(SMALL)
+    assert server.commands.count("RETR") == len(SMALL)
+    # One write of 100 at the start, then one of about 50 each time half
+    # the window has been read.
+    retr_writes = sum(data.startswith(b"RETR ") for data in writes)
+    assert retr_writes <= 8
 
 
 async def test_capa_after_login_travels_with_the_listing(
@@ -138,25 +130,26 @@ async def test_the_next_large_message_is_asked_for_before_the_last_one_ends(
     """
     monkeypatch.setattr(session_module, "MAX_PIPELINE_BYTES", 64 * 1024)
     big = small_corpus(3, seed=9, size=512 * 1024)
-    timeline: list[str] = []
-    real_write = Transport.write
+    # The writes, with a b"end N" put in at each message's end.
+    writes = record_writes(monkeypatch)
     real_next_event = session_module.Session.next_event
-
-    def recording_write(self: Transport, data: bytes) -> None:
-        timeline.extend(line.decode() for line in data.splitlines() if line.startswith(b"RETR"))
-        real_write(self, data)
 
     async def recording_next_event(self: session_module.Session) -> Any:
         event = await real_next_event(self)
         if isinstance(event, pop3.MessageEnd):
-            timeline.append(f"end {event.command.msg}")
+            writes.append(b"end %d" % event.command.msg)
         return event
 
-    monkeypatch.setattr(Transport, "write", recording_write)
     monkeypatch.setattr(session_module.Session, "next_event", recording_next_event)
     async with FakePop3(big) as server:
         settings = load_config(write_config(tmp_path, [spec_for(server, tmp_path)]), environ={})
         [result] = await poll_once(settings)
+    timeline = [
+        line.decode()
+        for data in writes
+        for line in data.splitlines()
+        if line.startswith((b"RETR", b"end"))
+    ]
     assert result.ok, result.error
     assert result.delivered == 3
     assert timeline.index("RETR 2") < timeline.index("end 1")
