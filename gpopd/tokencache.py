@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gpopd.config import Account, OAuth
+from gpopd.durable import fsync_dir, write_all
 from gpopd.privatefs import open_private
 
 CACHE_DIR = "oauth"
@@ -41,9 +42,7 @@ def write_private_file(path: Path, data: bytes, *, owner_of: Path | None = None)
     fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -54,11 +53,7 @@ def write_private_file(path: Path, data: bytes, *, owner_of: Path | None = None)
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)
 
 
 def cache_dir(state_dir: Path) -> Path:

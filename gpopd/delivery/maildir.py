@@ -37,6 +37,7 @@ from gpopd.delivery.base import (
     Writer,
     account_tag,
 )
+from gpopd.durable import fsync_dir, write_all
 from gpopd.errors import DeliveryError, TemporaryDeliveryError
 from gpopd.failpoints import failpoint
 from gpopd.privatefs import make_private_dir, open_private
@@ -70,7 +71,7 @@ def _make_durable(job: tuple[str, int, bytes | None]) -> OSError | None:
             fd = _create(path)
             if data:
                 try:
-                    _write_all(fd, data)
+                    write_all(fd, data)
                 except OSError:
                     os.close(fd)
                     raise
@@ -127,14 +128,6 @@ def _create(path: str) -> int:
     return open_private(path, _CREATE_FLAGS)
 
 
-def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
-    with memoryview(data) as view:
-        offset = 0
-        while offset < len(view):
-            with view[offset:] as rest:
-                offset += os.write(fd, rest)
-
-
 # Chunks handed to one writev(2); Linux accepts up to 1,024 (IOV_MAX).
 _MAX_IOV = 256
 
@@ -152,7 +145,7 @@ def _writev_all(fd: int, chunks: list[bytes]) -> None:
         if written:
             # A short write (a full disk, a signal) ended inside this chunk:
             # its rest goes the slow way, the next ones in the next writev.
-            _write_all(fd, memoryview(chunks[start])[written:])
+            write_all(fd, memoryview(chunks[start])[written:])
             start += 1
 
 
@@ -376,7 +369,7 @@ class MaildirDestination(Destination):
             linked = True
         if linked:
             try:
-                self._fsync_dir(self._new)
+                fsync_dir(self._new)
             except OSError as exc:
                 # The links may or may not be on disk.  They stay: the store
                 # keeps these messages pending, so the next poll's recovery
@@ -403,14 +396,6 @@ class MaildirDestination(Destination):
         # The message is in new/ already; a leftover in tmp/ is removed by
         # the next prepare() and must not fail the delivery.
         _unlink_quietly(tmp_path)
-
-    @staticmethod
-    def _fsync_dir(path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def _scan_keys(self, tag: str) -> set[str]:
         found: set[str] = set()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from gpopd import privatefs
 from gpopd.delivery.spool import CHUNK_SIZE
+from gpopd.durable import fsync_dir, pwrite_all, write_all
 from gpopd.errors import TemporaryDeliveryError
 
 __all__ = [
@@ -53,15 +54,6 @@ def fsync(fd: int) -> None:
     os.fsync(fd)
 
 
-def fsync_dir(path: Path) -> None:
-    """Make the entries of directory ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def open_or_create_durably(path: Path, flags: int) -> int:
     """Open ``path``, creating it 0600 (and making that durable) if missing."""
     while True:
@@ -79,24 +71,6 @@ def open_or_create_durably(path: Path, flags: int) -> int:
             os.close(fd)
             raise
         return fd
-
-
-def write_all(fd: int, data: bytes) -> None:
-    """Write all of ``data`` at the file position (short writes continued)."""
-    with memoryview(data) as view:
-        done = 0
-        while done < len(view):
-            with view[done:] as rest:
-                done += os.write(fd, rest)
-
-
-def pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    """Write all of ``data`` at ``offset`` (short writes continued)."""
-    with memoryview(data) as view:
-        done = 0
-        while done < len(view):
-            with view[done:] as rest:
-                done += os.pwrite(fd, rest, offset + done)
 
 
 def digest(fd: int, offset: int, length: int) -> str:
