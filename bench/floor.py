@@ -49,12 +49,7 @@ class ResponseScanner:
 
     completed: int = 0
     body_bytes: int = 0
-    _tail: bytes = b""
     _in_body: bool = False
-
-    def feed(self, data: bytes) -> None:
-        buffer = self._tail + data
-        self._tail = buffer[self.scan(buffer, len(buffer)) :]
 
     def scan(self, buffer: bytes | bytearray, end: int) -> int:
         """Count the responses in ``buffer[:end]``; return where its unread tail starts.

@@ -10,11 +10,24 @@ MESSAGES = [b"Subject: one\r\n\r\nbody\r\n", b"", b"..dot stuffed\r\n..\r\n...\r
 STREAM = b"".join(b"+OK %d octets\r\n" % len(m) + m + b".\r\n" for m in MESSAGES)
 
 
+class Feeder:
+    """Hands ``scan`` each chunk after the unread tail of the last, as the client does."""
+
+    def __init__(self) -> None:
+        self.scanner = ResponseScanner()
+        self._tail = b""
+
+    def feed(self, data: bytes) -> ResponseScanner:
+        buffer = self._tail + data
+        self._tail = buffer[self.scanner.scan(buffer, len(buffer)) :]
+        return self.scanner
+
+
 def feed(chunks: list[bytes]) -> ResponseScanner:
-    scanner = ResponseScanner()
+    feeder = Feeder()
     for chunk in chunks:
-        scanner.feed(chunk)
-    return scanner
+        feeder.feed(chunk)
+    return feeder.scanner
 
 
 def test_counts_responses_fed_whole() -> None:
@@ -37,10 +50,10 @@ def test_body_bytes_are_the_wire_content() -> None:
 
 def test_partial_response_is_not_counted() -> None:
     """A response whose terminator has not arrived yet is not counted."""
-    scanner = feed([b"+OK\r\nline\r\n.", b"\r"])
-    assert scanner.completed == 0
-    scanner.feed(b"\n")
-    assert scanner.completed == 1
+    feeder = Feeder()
+    feeder.feed(b"+OK\r\nline\r\n.")
+    assert feeder.feed(b"\r").completed == 0
+    assert feeder.feed(b"\n").completed == 1
 
 
 def test_error_reply_raises() -> None:
