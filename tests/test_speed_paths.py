@@ -158,6 +158,28 @@ async def test_the_next_large_message_is_asked_for_before_the_last_one_ends(
     assert timeline.index("end 1") < timeline.index("RETR 3")
 
 
+async def test_a_round_trip_of_large_messages_is_asked_for_ahead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Messages of 1 MiB: at least 8 MiB is asked for before the first reply.
+
+    Over a 40 ms round trip (like a connection to Gmail) at full speed here
+    (200 MB/s) the server sends 8 MB while a RETR travels to it and the
+    first byte of its reply travels back; asking for less lets it run dry
+    before every refill. Bench scenario f measures it: a window of 4 MiB
+    (4 of these messages) took f 0.07 s longer.
+    """
+    big = small_corpus(12, seed=11, size=1024 * 1024)
+    writes = record_writes(monkeypatch)
+    async with FakePop3(big) as server:
+        settings = load_config(write_config(tmp_path, [spec_for(server, tmp_path)]), environ={})
+        [result] = await poll_once(settings)
+    assert result.ok, result.error
+    assert result.delivered == len(big)
+    first = next(data for data in writes if data.startswith(b"RETR "))
+    assert first.count(b"RETR ") >= 8
+
+
 class CountingStream(io.StringIO):
     def __init__(self) -> None:
         super().__init__()
