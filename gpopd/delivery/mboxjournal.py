@@ -50,7 +50,7 @@ _CLEAN_TAIL = re.compile(rb"\nC \d{1,9}\n\Z")
 
 
 def fsync(fd: int) -> None:
-    """``os.fsync``, kept as one name so every durable step goes through it."""
+    """``os.fsync`` of a file, under the one name mbox imports (and its tests replace)."""
     os.fsync(fd)
 
 
