@@ -3,8 +3,9 @@
 A write(2) may be short (a full disk, a signal), so ``write_all`` and
 ``pwrite_all`` continue until every byte is written or one call fails; a new
 or renamed directory entry survives a crash only once its directory is
-fsync'd, which ``fsync_dir`` does.  Maildir, the mbox journal and the token
-cache share these rather than each keeping its own loop.
+fsync'd, which ``fsync_dir`` does.  Maildir, mbox and its journal, the mbox
+dotlock, the token cache and the log file share these rather than each
+keeping its own loop.
 """
 
 from __future__ import annotations

@@ -45,6 +45,7 @@ from typing import Any, Literal, TextIO, cast
 
 import structlog
 
+from gpopd.durable import write_all
 from gpopd.errors import ConfigError
 from gpopd.privatefs import open_private
 
@@ -201,12 +202,9 @@ class _PrivateLogFile(_Output):
                 if fd is None or st is None or (st.st_ino, st.st_dev) != (self._ino, self._dev):
                     self._close_fd()
                     fd = self._open()
-                written = os.write(fd, data)
-                while written < len(data):
-                    # O_APPEND: the rest of a short write (a full disk) still
-                    # goes to the end.
-                    data = data[written:]
-                    written = os.write(fd, data)
+                # O_APPEND: the rest of a short write (a full disk) still
+                # goes to the end.
+                write_all(fd, data)
             except OSError as exc:
                 self._report(exc)
                 return

@@ -57,11 +57,11 @@ from gpopd.delivery.mboxjournal import (
 )
 from gpopd.delivery.mboxjournal import fsync as _fsync
 from gpopd.delivery.mboxjournal import open_or_create_durably as _open_or_create
-from gpopd.delivery.mboxjournal import pwrite_all as _pwrite_all
-from gpopd.delivery.mboxjournal import write_all as _write_all
 from gpopd.delivery.mboxlock import LOCK_TIMEOUT, STALE_LOCK_AGE, MboxLocker, process_guard
 from gpopd.delivery.mboxlock import describe as _describe
 from gpopd.delivery.spool import SpooledMessage, SpoolWriter
+from gpopd.durable import pwrite_all as _pwrite_all
+from gpopd.durable import write_all as _write_all
 from gpopd.errors import DeliveryError, TemporaryDeliveryError
 from gpopd.failpoints import failpoint
 

@@ -32,13 +32,10 @@ __all__ = [
     "digest",
     "format_block",
     "fsync",
-    "fsync_dir",
     "open_or_create_durably",
     "parse_journal",
-    "pwrite_all",
     "read_journal",
     "settle",
-    "write_all",
 ]
 
 JOURNAL_HEADER = b"gpopd-mbox-journal 1\n"

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpopd.accountlock import pid_alive
+from gpopd.durable import write_all
 from gpopd.errors import TemporaryDeliveryError
 
 __all__ = [
@@ -157,7 +158,7 @@ def create_dotlock(lock: Path, content: bytes) -> int | None:
     except OSError:
         return create_dotlock_in_place(lock, content)  # no O_TMPFILE here (e.g. NFS)
     try:
-        os.write(fd, content)
+        write_all(fd, content)
         dirfd = os.open(lock.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             # With a dir fd os.link() is linkat(AT_SYMLINK_FOLLOW), which
@@ -183,7 +184,7 @@ def create_dotlock_in_place(lock: Path, content: bytes) -> int | None:
     except FileExistsError:
         return None
     try:
-        os.write(fd, content)
+        write_all(fd, content)
         return os.fstat(fd).st_ino
     except OSError:
         with contextlib.suppress(OSError):
