@@ -60,14 +60,22 @@ def record_writes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     return writes
 
 
+async def poll_fake(
+    tmp_path: Path, messages: Sequence[bytes], **server_options: Any
+) -> tuple[fetch.PollResult, FakePop3]:
+    """One poll of a fake server holding ``messages``; its result, and the server."""
+    async with FakePop3(messages, **server_options) as server:
+        settings = load_config(write_config(tmp_path, [spec_for(server, tmp_path)]), environ={})
+        [result] = await poll_once(settings)
+    return result, server
+
+
 async def test_small_messages_are_requested_in_batches(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """300 small messages cost a handful of RETR writes, not one write per message."""
     writes = record_writes(monkeypatch)
-    async with FakePop3(SMALL) as server:
-        settings = load_config(write_config(tmp_path, [spec_for(server, tmp_path)]), environ={})
-        [result] = await poll_once(settings)
+    result, server = await poll_fake(tmp_path, SMALL)
     assert result.ok, result.error
     assert result.delivered == len(SMALL)
     assert server.commands.count("RETR") == len(SMALL)
@@ -87,9 +95,7 @@ async def test_capa_after_login_travels_with_the_listing(
     new capabilities are still known before the listing is used.
     """
     writes = record_writes(monkeypatch)
-    async with FakePop3(SMALL[:3]) as server:
-        settings = load_config(write_config(tmp_path, [spec_for(server, tmp_path)]), environ={})
-        [result] = await poll_once(settings)
+    result, server = await poll_fake(tmp_path, SMALL[:3])
     assert result.ok, result.error
     assert result.delivered == 3
     assert b"CAPA\r\nSTAT\r\nUIDL\r\nLIST\r\n" in writes
@@ -110,9 +116,7 @@ async def test_pipelining_offered_only_after_login_waits_for_capa(
         return b"+OK\r\n" + b"".join(f"{cap}\r\n".encode() for cap in caps) + b".\r\n"
 
     writes = record_writes(monkeypatch)
-    async with FakePop3(SMALL[:3], script={"CAPA": capa}) as server:
-        settings = load_config(write_config(tmp_path, [spec_for(server, tmp_path)]), environ={})
-        [result] = await poll_once(settings)
+    result, _ = await poll_fake(tmp_path, SMALL[:3], script={"CAPA": capa})
     assert result.ok, result.error
     assert result.delivered == 3
     listing = writes.index(b"STAT\r\nUIDL\r\nLIST\r\n")
@@ -141,9 +145,7 @@ async def test_the_next_large_message_is_asked_for_before_the_last_one_ends(
         return event
 
     monkeypatch.setattr(session_module.Session, "next_event", recording_next_event)
-    async with FakePop3(big) as server:
-        settings = load_config(write_config(tmp_path, [spec_for(server, tmp_path)]), environ={})
-        [result] = await poll_once(settings)
+    result, _ = await poll_fake(tmp_path, big)
     timeline = [
         line.decode()
         for data in writes
@@ -171,9 +173,7 @@ async def test_a_round_trip_of_large_messages_is_asked_for_ahead(
     """
     big = small_corpus(12, seed=11, size=1024 * 1024)
     writes = record_writes(monkeypatch)
-    async with FakePop3(big) as server:
-        settings = load_config(write_config(tmp_path, [spec_for(server, tmp_path)]), environ={})
-        [result] = await poll_once(settings)
+    result, _ = await poll_fake(tmp_path, big)
     assert result.ok, result.error
     assert result.delivered == len(big)
     first = next(data for data in writes if data.startswith(b"RETR "))
@@ -194,9 +194,7 @@ async def test_delivered_lines_are_written_once_per_commit_window(tmp_path: Path
     """300 "message delivered" lines reach stdout in a few writes, one per commit window."""
     stream = CountingStream()
     logs.configure(fmt="json", stream=stream)
-    async with FakePop3(SMALL) as server:
-        settings = load_config(write_config(tmp_path, [spec_for(server, tmp_path)]), environ={})
-        [result] = await poll_once(settings)
+    result, _ = await poll_fake(tmp_path, SMALL)
     assert result.ok, result.error
     events = [json.loads(line)["event"] for line in stream.getvalue().splitlines()]
     assert events.count("message delivered") == len(SMALL)
