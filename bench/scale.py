@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -62,6 +63,24 @@ class LagMeter:
                 self.over_target += 1
 
 
+def describe(handle: asyncio.Handle) -> str:
+    """Name a callback without repr() of its arguments.
+
+    repr(handle) renders the arguments, and a future's result among them: the
+    wake-up after the daemon loaded its configuration rendered all 1,000
+    accounts, 145 ms spent on the event loop by the measurement itself.
+    """
+    callback = getattr(handle, "_callback", None)
+    while isinstance(callback, functools.partial):
+        callback = callback.func
+    owner = getattr(callback, "__self__", None)
+    if isinstance(owner, asyncio.Task):
+        coro = owner.get_coro()
+        return f"task {owner.get_name()} {getattr(coro, '__qualname__', type(coro).__name__)}"
+    name = getattr(callback, "__qualname__", None) or type(callback).__qualname__
+    return f"{type(handle).__name__} {name}"
+
+
 class CallbackTimer:
     """Times every callback of the event loop; keeps the slowest few."""
 
@@ -83,7 +102,7 @@ class CallbackTimer:
             if elapsed > SLOW_CALLBACK:
                 timer.over_target += 1
             if len(timer.slowest) < timer.KEEP or elapsed > timer.slowest[-1][0]:
-                timer.slowest.append((elapsed, repr(handle)[:240]))
+                timer.slowest.append((elapsed, describe(handle)))
                 timer.slowest.sort(reverse=True)
                 del timer.slowest[timer.KEEP :]
 
