@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import gc
 import os
 import signal
 import time
@@ -88,6 +89,22 @@ def _trim_heap() -> None:
         _malloc_trim(0)
 
 
+def _freeze_long_lived() -> None:
+    """Exempt what exists now from every later run of the cycle collector.
+
+    Called after the imports and again once the configuration is loaded and
+    the scheduler set up: modules, classes and the configuration live as
+    long as the daemon, yet each full collection walked all of them.  With
+    1,000 accounts (bench/scale.py) full collections took 60-132 ms, the
+    event loop standing still meanwhile; frozen, the round's only one left
+    took 61-87 ms.  Objects frozen are still freed when their last
+    reference goes (the configuration is: a reload frees the old one); only
+    cycles among them stay for good: about 100 objects of garbage that
+    loading a configuration leaves, whatever the number of accounts.
+    """
+    gc.freeze()
+
+
 def report_for(result: PollResult) -> PollReport:
     """Translate a poll's result into what the scheduler needs to know."""
     error = result.error
@@ -146,6 +163,7 @@ class Daemon:
     # ------------------------------------------------------------------ run
     async def run(self) -> int:
         """Run until a stop signal (or, with ``once``, one poll of every account)."""
+        _freeze_long_lived()
         settings = await asyncio.to_thread(load_config, self.config_path, environ=self.environ)
         if self.configure_logs is not None:
             self.configure_logs(settings)
@@ -160,6 +178,7 @@ class Daemon:
         )
         self._scheduler = scheduler
         scheduler.set_jobs(jobs_for(settings))
+        _freeze_long_lived()
         loop = asyncio.get_running_loop()
         self._install_signals(loop)
         try:
