@@ -95,12 +95,14 @@ def _freeze_long_lived() -> None:
     Called after the imports and again once the configuration is loaded and
     the scheduler set up: modules, classes and the configuration live as
     long as the daemon, yet each full collection walked all of them.  With
-    1,000 accounts (bench/scale.py) full collections took 60-132 ms, the
-    event loop standing still meanwhile; frozen, the round's only one left
-    took 61-87 ms.  Objects frozen are still freed when their last
-    reference goes (the configuration is: a reload frees the old one); only
-    cycles among them stay for good: about 100 objects of garbage that
-    loading a configuration leaves, whatever the number of accounts.
+    1,000 accounts (bench/scale.py, two runs each) a round had two or three
+    full collections of 60-132 ms, the event loop standing still meanwhile;
+    frozen, one during the configuration load (71-87 ms, before any poll)
+    and at most one more (61 ms).  Objects frozen are still freed when
+    their last reference goes (the configuration is: a reload frees the old
+    one); only cycles among them stay for good: about 100 objects of
+    garbage that loading a configuration leaves, whatever the number of
+    accounts.
     """
     gc.freeze()
 
