@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 
 import gpopd.daemon
 from gpopd.daemon import Daemon
+from tests.support.dovecot import free_port
 from tests.support.gpopd_config import AccountSpec, write_config
 
 
@@ -21,12 +21,6 @@ def unfreeze() -> Iterator[None]:
     gc.unfreeze()
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.usefixtures("unfreeze")
 async def test_modules_and_configuration_are_frozen(tmp_path: Path) -> None:
     """Full collections skip the modules and the loaded configuration.
@@ -34,7 +28,7 @@ async def test_modules_and_configuration_are_frozen(tmp_path: Path) -> None:
     Each full collection walked them all: with 1,000 accounts (bench/scale.py)
     60-132 ms, the event loop standing still meanwhile.
     """
-    spec = AccountSpec("alice", closed_port(), "alice", "secret", tmp_path / "Maildir", tls="none")
+    spec = AccountSpec("alice", free_port(), "alice", "secret", tmp_path / "Maildir", tls="none")
     config = write_config(tmp_path, [spec])
     daemon = Daemon(config, {}, once=True)
     await daemon.run()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from gpopd.delivery.lmtp import MAX_REPLY_LINE, DotStuffer, LmtpDestination
 from gpopd.delivery.relay import EIGHT_BIT_REFUSED, RelayCommitResult, RelayStaged
 from gpopd.delivery.spool import CHUNK_SIZE
 from gpopd.errors import PermanentDeliveryError, TemporaryDeliveryError
-from tests.support.dovecot import Dovecot
+from tests.support.dovecot import Dovecot, free_port
 from tests.support.smtpd import RecordingHandler, RunningServer, ScriptedLmtp, running_server
 
 ACCOUNT = "carol@example.com"
@@ -65,12 +64,6 @@ def stage(dest: LmtpDestination, uid: str, content: bytes, chunk: int = 5) -> Re
 async def commit(dest: LmtpDestination, *contents: bytes, first: int = 0) -> list[CommitResult]:
     staged = [stage(dest, str(first + n), content) for n, content in enumerate(contents)]
     return await dest.commit(staged)
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
@@ -320,7 +313,7 @@ async def test_unix_socket(tmp_path: Path) -> None:
 
 async def test_server_down_fails_the_whole_window_temporarily() -> None:
     """Connection refused makes every message of the window temporary."""
-    dest = destination(config(port=closed_port()))
+    dest = destination(config(port=free_port()))
     results = await commit(dest, PLAIN, PLAIN)
     await dest.close()
     assert len(results) == 2

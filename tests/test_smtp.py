@@ -23,6 +23,7 @@ from gpopd.delivery.relay import (
 from gpopd.delivery.smtp import SmtpDestination
 from gpopd.errors import ConfigError, PermanentDeliveryError, TemporaryDeliveryError
 from tests.support.certs import TestPKI
+from tests.support.dovecot import free_port
 from tests.support.smtpd import (
     RecordingHandler,
     RunningServer,
@@ -92,12 +93,6 @@ def tls_server(pki: TestPKI) -> Iterator[RunningServer]:
     context = server_tls_context(pki.server_cert, pki.server_key)
     with running_server(starttls=context, require_starttls=True) as running:
         yield running
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- content ---------------------------------------------------------------
@@ -373,7 +368,7 @@ async def test_550_is_permanent() -> None:
 
 async def test_relay_down_fails_the_whole_window_temporarily() -> None:
     """Connection refused makes every message of the window temporary."""
-    dest = destination(config(port=closed_port()))
+    dest = destination(config(port=free_port()))
     results = await commit(dest, PLAIN, PLAIN, PLAIN)
     await dest.close()
     assert len(results) == 3

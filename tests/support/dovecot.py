@@ -212,6 +212,12 @@ class _Accounts:
         return cls("dovecot", "dovecot", "dovenull", mail.pw_uid, mail.pw_gid, privileged=True)
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    [port] = free_ports(1)
+    return int(port)
+
+
 def free_ports(count: int) -> list[int]:
     """Ports that were free a moment ago on 127.0.0.1 (Dovecot cannot bind port 0)."""
     sockets = []

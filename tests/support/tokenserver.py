@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import json
 import secrets
-import socket
 import ssl
 import threading
 import time
@@ -287,13 +286,6 @@ def browse(url: str) -> str:
     except urllib.error.HTTPError as exc:
         with contextlib.closing(exc):
             return str(exc.read().decode("utf-8", "replace"))
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def write_config(
