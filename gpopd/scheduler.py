@@ -52,10 +52,11 @@ DEFAULT_JITTER = 0.10
 DEFAULT_STUCK_AFTER = 3600.0
 # Upper bound of the random delay before the first poll of a job.
 FIRST_POLL_SPREAD = 5.0
-# start() lets the event loop run between launches of this many account
-# tasks.  Each task's first step (setting up its wait) costs about 0.15 ms;
-# launched all at once, 1,000 of them ran in one loop iteration of 146-182 ms
-# during which no timer or socket was served (bench/scale.py).
+# Account tasks are started this many per event-loop iteration (at start
+# and when a reload adds accounts).  Each task's first step (setting up its
+# wait) costs about 0.15 ms; started all at once, 1,000 of them ran in one
+# loop iteration of 146-182 ms during which no timer or socket was served
+# (bench/scale.py).
 LAUNCH_BATCH = 64
 # 2**64 intervals exceeds any cap; a larger exponent would overflow a float.
 _MAX_DOUBLINGS = 64
@@ -280,6 +281,7 @@ class Scheduler:
         for name in [n for n in self._accounts if n not in wanted]:
             self._retire(name)
         now = self._clock.monotonic()
+        added: list[_Account] = []
         for name, job in wanted.items():
             acct = self._accounts.get(name)
             if acct is None and name in self._retiring:
@@ -290,29 +292,18 @@ class Scheduler:
             if acct is None:
                 acct = _Account(job)
                 self._accounts[name] = acct
-                if self._running:
-                    self._launch(acct, now + self._first_spread(job))
+                added.append(acct)
             elif acct.job != job:
                 self._change(acct, job, now)
+        if self._running:
+            self._launch_in_batches(added)
 
     async def start(self) -> None:
         """Start one task per job; each first poll comes within the spread."""
         if self._running:
             return
         self._running = True
-        now = self._clock.monotonic()
-        launched = 0
-        for acct in list(self._accounts.values()):
-            if not self._running:
-                return  # stop() came while a batch ran
-            if self._accounts.get(acct.job.name) is not acct:
-                continue  # removed by set_jobs() while a batch ran
-            if acct.task is None or acct.task.done():
-                self._launch(acct, now + self._first_spread(acct.job))
-                launched += 1
-                if launched % LAUNCH_BATCH == 0:
-                    # The batch's first steps run before the next is launched.
-                    await asyncio.sleep(0)
+        self._launch_in_batches(list(self._accounts.values()))
 
     async def stop(self) -> None:
         """Cancel every wait at once and return when running polls have ended.
@@ -431,6 +422,28 @@ class Scheduler:
         return self.delay_after(
             job, report, failures, self._rng, max_backoff=self._max_backoff, jitter=self._jitter
         )
+
+    def _launch_in_batches(self, accts: list[_Account]) -> None:
+        """Start the tasks of ``accts``, LAUNCH_BATCH of them per loop iteration.
+
+        The rest is handed to the next iteration, after the first steps of
+        this batch.  Accounts removed or already started by then are skipped;
+        after stop() nothing more is started.
+        """
+        if not self._running:
+            return
+        now = self._clock.monotonic()
+        launched = 0
+        for index, acct in enumerate(accts):
+            if self._accounts.get(acct.job.name) is not acct or not (
+                acct.task is None or acct.task.done()
+            ):
+                continue
+            if launched == LAUNCH_BATCH:
+                asyncio.get_running_loop().call_soon(self._launch_in_batches, accts[index:])
+                return
+            self._launch(acct, now + self._first_spread(acct.job))
+            launched += 1
 
     def _launch(self, acct: _Account, due: float) -> None:
         acct.retired = False

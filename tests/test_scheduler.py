@@ -341,6 +341,35 @@ async def test_start_lets_the_loop_run_between_batches_of_launches(
     assert sorted(poller.finished) == sorted(f"acct{i}" for i in range(total))
 
 
+async def test_accounts_added_by_a_reload_are_launched_in_batches(
+    clock: FakeClock, make: Any
+) -> None:
+    """A reload that adds many accounts starts them a batch per loop iteration too."""
+    total = 3 * LAUNCH_BATCH + 5
+    poller = Poller(clock)
+    sched = make(poller)
+    sched.set_jobs([Job("first", "h", 600.0)])
+    await sched.start()
+    await settle()
+    loop = asyncio.get_running_loop()
+    seen: list[int] = []
+
+    def probe() -> None:
+        tasks = asyncio.all_tasks(loop)
+        seen.append(sum(1 for t in tasks if t.get_name().startswith("gpopd-account-acct")))
+        if seen[-1] < total:
+            loop.call_soon(probe)
+
+    loop.call_soon(probe)
+    sched.set_jobs([Job("first", "h", 600.0)] + [Job(f"acct{i}", "h", 600.0) for i in range(total)])
+    await settle()
+    launched_per_iteration = [b - a for a, b in itertools.pairwise([0, *seen])]
+    assert seen[-1] == total
+    assert max(launched_per_iteration) <= LAUNCH_BATCH, launched_per_iteration
+    await clock.advance(1.0)
+    assert sorted(poller.finished) == sorted(["first", *(f"acct{i}" for i in range(total))])
+
+
 async def test_stop_during_start_launches_no_more(clock: FakeClock, make: Any) -> None:
     """A stop() that comes between two batches of start() ends the launching."""
     poller = Poller(clock)
