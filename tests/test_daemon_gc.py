@@ -14,6 +14,9 @@ from gpopd.daemon import Daemon
 from tests.support.dovecot import free_port
 from tests.support.gpopd_config import AccountSpec, write_config
 
+# The first poll comes within a tenth of the interval: a second at most.
+QUICK = {"poll_interval": "10s"}
+
 
 @pytest.fixture
 def unfreeze() -> Iterator[None]:
@@ -29,7 +32,9 @@ async def test_modules_and_configuration_are_frozen(tmp_path: Path) -> None:
     Each full collection walked them all: with 1,000 accounts (bench/scale.py)
     60-132 ms, the event loop standing still meanwhile.
     """
-    spec = AccountSpec("alice", free_port(), "alice", "secret", tmp_path / "Maildir", tls="none")
+    spec = AccountSpec(
+        "alice", free_port(), "alice", "secret", tmp_path / "Maildir", tls="none", extra=QUICK
+    )
     config = write_config(tmp_path, [spec])
     daemon = Daemon(config, {}, once=True)
     await daemon.run()
@@ -58,11 +63,13 @@ async def test_a_reloaded_configuration_is_frozen_and_no_garbage_with_it(tmp_pat
     by every later full collection again.  Garbage frozen with it (a load
     leaves about 100 cyclic objects) could never be freed.
     """
-    alice = AccountSpec("alice", free_port(), "alice", "secret", tmp_path / "A", tls="none")
+    alice = AccountSpec(
+        "alice", free_port(), "alice", "secret", tmp_path / "A", tls="none", extra=QUICK
+    )
     config = write_config(tmp_path, [alice])
     daemon = Daemon(config, {}, once=True)
     await daemon.run()
-    bob = AccountSpec("bob", free_port(), "bob", "secret", tmp_path / "B", tls="none")
+    bob = AccountSpec("bob", free_port(), "bob", "secret", tmp_path / "B", tls="none", extra=QUICK)
     write_config(tmp_path, [alice, bob])
     gc.disable()  # nothing but the daemon decides when garbage is collected
     try:
