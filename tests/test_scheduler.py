@@ -309,6 +309,24 @@ async def test_first_polls_are_spread(clock: FakeClock, make: Any) -> None:
     assert len(set(firsts)) > 90
 
 
+def watch_launches(total: int) -> list[int]:
+    """How many tasks of accounts named acct* exist at each loop iteration, until ``total``.
+
+    Call it just before the launches: the count starts at the next iteration.
+    """
+    loop = asyncio.get_running_loop()
+    seen: list[int] = []
+
+    def probe() -> None:
+        tasks = asyncio.all_tasks(loop)
+        seen.append(sum(1 for t in tasks if t.get_name().startswith("gpopd-account-acct")))
+        if seen[-1] < total:
+            loop.call_soon(probe)
+
+    loop.call_soon(probe)
+    return seen
+
+
 async def test_start_lets_the_loop_run_between_batches_of_launches(
     clock: FakeClock, make: Any
 ) -> None:
@@ -321,17 +339,7 @@ async def test_start_lets_the_loop_run_between_batches_of_launches(
     poller = Poller(clock)
     sched = make(poller)
     sched.set_jobs([Job(f"acct{i}", "h", 600.0) for i in range(total)])
-    loop = asyncio.get_running_loop()
-    seen: list[int] = []
-
-    def probe() -> None:
-        # Account tasks in existence each time the loop runs its callbacks.
-        tasks = asyncio.all_tasks(loop)
-        seen.append(sum(1 for t in tasks if t.get_name().startswith("gpopd-account-")))
-        if seen[-1] < total:
-            loop.call_soon(probe)
-
-    loop.call_soon(probe)
+    seen = watch_launches(total)
     await sched.start()
     await settle()
     launched_per_iteration = [b - a for a, b in itertools.pairwise([0, *seen])]
@@ -351,16 +359,7 @@ async def test_accounts_added_by_a_reload_are_launched_in_batches(
     sched.set_jobs([Job("first", "h", 600.0)])
     await sched.start()
     await settle()
-    loop = asyncio.get_running_loop()
-    seen: list[int] = []
-
-    def probe() -> None:
-        tasks = asyncio.all_tasks(loop)
-        seen.append(sum(1 for t in tasks if t.get_name().startswith("gpopd-account-acct")))
-        if seen[-1] < total:
-            loop.call_soon(probe)
-
-    loop.call_soon(probe)
+    seen = watch_launches(total)
     sched.set_jobs([Job("first", "h", 600.0)] + [Job(f"acct{i}", "h", 600.0) for i in range(total)])
     await settle()
     launched_per_iteration = [b - a for a, b in itertools.pairwise([0, *seen])]
