@@ -22,6 +22,13 @@ misses at most the growth of the last interval before the exit.
 The harness must start no other child while a measurement runs, or its CPU
 would be counted too; long-lived helpers (Dovecot, the delay proxy) are not
 reaped until the end and so never enter the delta.
+
+Machine CPU is the busy time of every CPU of the machine across the run, from
+``/proc/stat``: the tool, Dovecot, the delay proxy, the harness's own sampler
+and anything else that ran.  With two cores, a run cannot take less wall time
+than half of it; machine CPU minus the tool's CPU is, on a quiet machine,
+what the server spent serving the tool.  It is counted in the kernel's ticks
+(``USER_HZ``, 10 ms here).
 """
 
 from __future__ import annotations
@@ -55,6 +62,8 @@ class Measurement:
     main_rss_kib: int
     timed_out: bool
     rss_exact: bool
+    #: Busy CPU seconds of the whole machine across the run; None without /proc.
+    machine_cpu: float | None = None
 
     @property
     def cpu(self) -> float:
@@ -111,6 +120,22 @@ class PeakSampler(threading.Thread):
         return self.peak_kib
 
 
+def machine_busy_seconds(stat: Path = Path("/proc/stat")) -> float | None:
+    """CPU seconds all CPUs have spent busy since boot; None if unknown.
+
+    Busy is user, nice, system, irq, softirq and steal (guest time is part of
+    user already); idle and iowait are not busy.
+    """
+    try:
+        first = stat.read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    if not first or first[0] != "cpu" or len(first) < 9:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in first[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def run_measured(
     argv: Sequence[str],
     *,
@@ -130,6 +155,7 @@ def run_measured(
             os.chown(rss_file, uid, gid if gid is not None else -1)
         argv = [str(GNU_TIME), "--format=%M", f"--output={rss_file}", "--", *argv]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    machine_before = machine_busy_seconds()
     with log.open("wb") as out:
         start = time.perf_counter()
         process = subprocess.Popen(
@@ -174,6 +200,10 @@ def run_measured(
     # Popen must not try to reap the process again.
     process.returncode = os.waitstatus_to_exitcode(status)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    machine_after = machine_busy_seconds()
+    machine_cpu = None
+    if machine_before is not None and machine_after is not None:
+        machine_cpu = machine_after - machine_before
     max_rss = usage.ru_maxrss
     exact = False
     if use_time:
@@ -191,4 +221,5 @@ def run_measured(
         main_rss_kib=main_rss,
         timed_out=expired.is_set(),
         rss_exact=exact,
+        machine_cpu=machine_cpu,
     )

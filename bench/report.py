@@ -37,6 +37,9 @@ class RunResult:
     expected: int
     problems: list[str] = field(default_factory=list)
     log: str = ""
+    #: Busy CPU of the whole machine during the run (the tool, the server and
+    #: the rest); None where /proc/stat cannot be read.
+    machine_cpu: float | None = None
 
     @property
     def correct(self) -> bool:
@@ -58,10 +61,16 @@ class Summary:
     rss_main_only: bool = False
     ratio: float | None = None
     problems: list[str] = field(default_factory=list)
+    machine_cpu: float | None = None
 
     @property
     def correct(self) -> bool:
         return self.correct_runs == self.runs
+
+
+def _median_machine_cpu(runs: list[RunResult]) -> float | None:
+    values = [run.machine_cpu for run in runs if run.machine_cpu is not None]
+    return statistics.median(values) if values else None
 
 
 def summarise(results: list[RunResult], baselines: dict[str, str]) -> list[Summary]:
@@ -84,6 +93,7 @@ def summarise(results: list[RunResult], baselines: dict[str, str]) -> list[Summa
             correct_runs=sum(run.correct for run in runs),
             rss_main_only=any(run.rss_main_only for run in runs),
             problems=sorted({text for run in runs for text in run.problems}),
+            machine_cpu=_median_machine_cpu(runs),
         )
         for (scenario, tool), runs in groups.items()
     ]
@@ -102,6 +112,7 @@ def table(summaries: list[Summary]) -> str:
         "tool",
         "wall s",
         "CPU s",
+        "machine CPU s",
         "peak RSS MB",
         "wall / gpopd",
         "correct",
@@ -115,6 +126,7 @@ def table(summaries: list[Summary]) -> str:
                 s.tool,
                 f"{s.wall:.2f}",
                 f"{s.cpu:.2f}",
+                "-" if s.machine_cpu is None else f"{s.machine_cpu:.2f}",
                 f"{s.max_rss_mb:.1f}" + ("*" if s.rss_main_only else " "),
                 "-" if s.ratio is None else f"{s.ratio:.2f}",
                 correct,

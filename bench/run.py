@@ -217,6 +217,7 @@ class Bench:
             expected=check.expected,
             problems=check.problems,
             log=str(log_path),
+            machine_cpu=m.machine_cpu,
         )
 
     def verify(self, scenario: scen.Scenario, tool: Tool, job: Job, log_path: Path) -> Check:
@@ -354,9 +355,12 @@ def run(args: argparse.Namespace) -> int:
                     result = bench.run_one(scenario, tool, number)
                     bench.results.append(result)
                     verdict = "ok" if result.correct else "; ".join(result.problems)
+                    machine = ""
+                    if result.machine_cpu is not None:
+                        machine = f" ({result.machine_cpu:.2f} s machine)"
                     log(
                         f"   {tool.name:<9} run {number}: {result.wall:7.2f} s wall "
-                        f"{result.cpu:6.2f} s CPU {result.max_rss_mb:6.1f} MB  {verdict}"
+                        f"{result.cpu:6.2f} s CPU{machine} {result.max_rss_mb:6.1f} MB  {verdict}"
                     )
     elapsed = time.perf_counter() - started
     for path in bench.discard:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
-from bench.measure import run_measured
+from bench.measure import machine_busy_seconds, run_measured
 
 BUSY = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\n"
 
@@ -61,3 +63,32 @@ def test_main_process_peak_sees_own_growth(tmp_path: Path) -> None:
     )
     m = run_measured([sys.executable, "-c", code], cwd=tmp_path, log=tmp_path / "log")
     assert m.main_rss_mb >= 100
+
+
+def test_machine_cpu_counts_processes_outside_the_tool(tmp_path: Path) -> None:
+    """CPU burnt during the run by a process that is not the tool's is machine CPU."""
+    burn = (
+        "import sys, time\nprint('go', flush=True)\n"
+        "end = time.monotonic() + 10\nwhile time.monotonic() < end: pass\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", burn], stdout=subprocess.PIPE) as burner:
+        try:
+            assert burner.stdout is not None
+            assert burner.stdout.readline() == b"go\n"
+            m = run_measured(["sleep", "1"], cwd=tmp_path, log=tmp_path / "log")
+        finally:
+            burner.kill()
+    assert m.cpu < 0.1
+    assert m.machine_cpu is not None
+    # The burner had a second of (most of) a core; the tool slept.
+    assert m.machine_cpu >= 0.3
+
+
+def test_machine_busy_leaves_out_idle_and_iowait(tmp_path: Path) -> None:
+    """Busy is user, nice, system, irq, softirq and steal; idle and iowait are not."""
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 20 30 5000 700 5 6 7 40 0\ncpu0 50 10 15 2500 350 2 3 3 20 0\n")
+    assert machine_busy_seconds(stat) == 168 / os.sysconf("SC_CLK_TCK")
+    assert machine_busy_seconds(tmp_path / "missing") is None
+    stat.write_text("intr 1 2 3\n")
+    assert machine_busy_seconds(stat) is None

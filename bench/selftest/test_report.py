@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -58,6 +59,24 @@ def test_incorrect_runs_are_counted() -> None:
     assert not summaries["a", "mpop"].correct
     assert summaries["a", "mpop"].correct_runs == 2
     assert "no (2/3)" in table(list(summaries.values()))
+
+
+def test_machine_cpu_is_a_median_and_a_column() -> None:
+    """Machine CPU is the median of the runs that have it; without any it shows as -."""
+    runs = [
+        dataclasses.replace(result("b", "gpopd", 1, 2.0), machine_cpu=3.5),
+        dataclasses.replace(result("b", "gpopd", 2, 2.0), machine_cpu=2.5),
+        dataclasses.replace(result("b", "gpopd", 3, 2.0), machine_cpu=9.0),
+        result("b", "mpop", 1, 2.0),
+    ]
+    summaries = {s.tool: s for s in summarise(runs, {})}
+    assert summaries["gpopd"].machine_cpu == 3.5
+    assert summaries["mpop"].machine_cpu is None
+    lines = table(list(summaries.values())).splitlines()
+    header = lines[0].split("  ")
+    column = [h.strip() for h in header if h.strip()].index("machine CPU s")
+    cells = {line.split()[1]: line.split()[column] for line in lines[2:]}
+    assert cells == {"gpopd": "3.50", "mpop": "-"}
 
 
 def test_json_holds_every_run(tmp_path: Path) -> None:
