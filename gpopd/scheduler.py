@@ -435,9 +435,9 @@ class Scheduler:
         now = self._clock.monotonic()
         launched = 0
         for index, acct in enumerate(accts):
-            if self._accounts.get(acct.job.name) is not acct or not (
-                acct.task is None or acct.task.done()
-            ):
+            removed = self._accounts.get(acct.job.name) is not acct
+            running = acct.task is not None and not acct.task.done()
+            if removed or running:
                 continue
             if launched == LAUNCH_BATCH:
                 asyncio.get_running_loop().call_soon(self._launch_in_batches, accts[index:])

@@ -18,6 +18,10 @@ from tests.support.gpopd_config import AccountSpec, write_config
 QUICK = {"poll_interval": "10s"}
 
 
+def unfrozen_ids() -> set[int]:
+    return {id(obj) for obj in gc.get_objects()}
+
+
 @pytest.fixture
 def unfreeze() -> Iterator[None]:
     """The daemon freezes what the test process holds; release it afterwards."""
@@ -41,18 +45,14 @@ async def test_modules_and_configuration_are_frozen(tmp_path: Path) -> None:
     assert daemon.settings is not None
     assert set(daemon.results) == {"alice"}  # it polled (and failed to connect)
     made_after = {"a": [1]}
-    collected = {id(obj) for obj in gc.get_objects()}
-    assert id(made_after) in collected  # the check sees what is not frozen
-    assert id(daemon.settings.accounts) not in collected
-    assert id(vars(gpopd.daemon)) not in collected
+    unfrozen = unfrozen_ids()
+    assert id(made_after) in unfrozen  # the check sees what is not frozen
+    assert id(daemon.settings.accounts) not in unfrozen
+    assert id(vars(gpopd.daemon)) not in unfrozen
 
 
 class Node:
     next: object = None
-
-
-def unfrozen_ids() -> set[int]:
-    return {id(obj) for obj in gc.get_objects()}
 
 
 @pytest.mark.usefixtures("unfreeze")

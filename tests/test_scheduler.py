@@ -375,7 +375,7 @@ async def test_stop_during_start_launches_no_more(clock: FakeClock, make: Any) -
     sched = make(poller, jitter=0.10)
     sched.set_jobs([Job(f"acct{i}", "h", 600.0) for i in range(3 * LAUNCH_BATCH)])
     starting = asyncio.create_task(sched.start())
-    await asyncio.sleep(0)  # start() has launched its first batch and yielded
+    await asyncio.sleep(0)  # start() ran: one batch launched, the rest not yet
     await sched.stop()
     await starting
     launched = [t for t in asyncio.all_tasks() if t.get_name().startswith("gpopd-account-")]
@@ -391,7 +391,7 @@ async def test_accounts_removed_during_start_are_not_launched(clock: FakeClock, 
     names = [f"acct{i}" for i in range(3 * LAUNCH_BATCH)]
     sched.set_jobs([Job(name, "h", 600.0) for name in names])
     starting = asyncio.create_task(sched.start())
-    await asyncio.sleep(0)  # start() has launched its first batch and yielded
+    await asyncio.sleep(0)  # start() ran: one batch launched, the rest not yet
     kept = names[: 2 * LAUNCH_BATCH]
     sched.set_jobs([Job(name, "h", 600.0) for name in kept])
     await starting

@@ -215,7 +215,7 @@ class _Accounts:
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     [port] = free_ports(1)
-    return int(port)
+    return port
 
 
 def free_ports(count: int) -> list[int]:
